@@ -1,0 +1,377 @@
+//! The fixtures source: `*.json` extension files and `<tenant>/<policy>.json` policies.
+//!
+//! An extension file holds one record or an array of them; a record may carry
+//! `versions` and `instances` arrays, whose omitted fields default to the record's own
+//! (a version without `subject` uses the base subject). Files are read in name order so
+//! that errors and duplicates are reported the same way every time.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use beamline_model::{ExtensionRecord, InstanceRecord, VersionRecord};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::dataset::{Dataset, PolicyRecord, Sourced};
+use crate::error::{Origin, RegistryError};
+
+/// Largest fixture file read, so a stray huge file cannot exhaust memory.
+pub const MAX_FIXTURE_FILE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Fixtures compiled into the binary: the original's four extensions and a default
+/// policy, so `beamline-router serve` runs from anywhere with no files at all.
+pub const BUILTIN_EXTENSIONS: &[(&str, &str)] = &[
+    (
+        "normalize_text.json",
+        include_str!("../../../fixtures/extensions/normalize_text.json"),
+    ),
+    (
+        "pii_guard.json",
+        include_str!("../../../fixtures/extensions/pii_guard.json"),
+    ),
+    (
+        "mask_pii.json",
+        include_str!("../../../fixtures/extensions/mask_pii.json"),
+    ),
+    (
+        "test_provider.json",
+        include_str!("../../../fixtures/extensions/test_provider.json"),
+    ),
+];
+
+/// Built-in policies as (tenant, policy, JSON).
+pub const BUILTIN_POLICIES: &[(&str, &str, &str)] = &[(
+    "default",
+    "default",
+    include_str!("../../../fixtures/policies/default/default.json"),
+)];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureExtension {
+    id: String,
+    #[serde(rename = "type")]
+    ext_type: String,
+    subject: String,
+    timeout_ms: Option<i64>,
+    retry: Option<i64>,
+    enabled: Option<bool>,
+    version: Option<String>,
+    config: Option<Value>,
+    metadata: Option<Value>,
+    #[serde(default)]
+    versions: Vec<FixtureVersion>,
+    #[serde(default)]
+    instances: Vec<FixtureInstance>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureVersion {
+    version: String,
+    subject: Option<String>,
+    timeout_ms: Option<i64>,
+    retry: Option<i64>,
+    config: Option<Value>,
+    metadata: Option<Value>,
+    routing_rules: Option<Value>,
+    enabled: Option<bool>,
+    created_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureInstance {
+    instance_id: String,
+    subject: Option<String>,
+    weight: Option<i64>,
+    enabled: Option<bool>,
+    health_status: Option<String>,
+}
+
+/// Reads the extension files of `dir` and, when given, the policies of `policies_dir`.
+pub fn load_dir(dir: &Path, policies_dir: Option<&Path>) -> Result<Dataset, RegistryError> {
+    let mut data = Dataset::default();
+    for path in json_files(dir)? {
+        let text = read_file(&path)?;
+        parse_extension_file(&text, &mut data, |item| Origin::File {
+            path: path.clone(),
+            item,
+        })?;
+    }
+    if let Some(pdir) = policies_dir {
+        load_policies(pdir, &mut data)?;
+    }
+    Ok(data)
+}
+
+/// The fixtures compiled into the binary.
+pub fn load_builtin(with_policies: bool) -> Result<Dataset, RegistryError> {
+    let mut data = Dataset::default();
+    for (name, text) in BUILTIN_EXTENSIONS {
+        parse_extension_file(text, &mut data, |item| Origin::Builtin {
+            name: (*name).to_string(),
+            item,
+        })?;
+    }
+    if with_policies {
+        for (tenant, policy, text) in BUILTIN_POLICIES {
+            let origin = Origin::Builtin {
+                name: format!("policies/{tenant}/{policy}.json"),
+                item: None,
+            };
+            let document = parse_json(text, &origin)?;
+            data.policies.push(Sourced {
+                origin,
+                value: PolicyRecord {
+                    tenant_id: (*tenant).to_string(),
+                    policy_id: (*policy).to_string(),
+                    document,
+                    enabled: true,
+                },
+            });
+        }
+    }
+    Ok(data)
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> RegistryError {
+    RegistryError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// `*.json` files directly in `dir`, by name; hidden files are skipped.
+fn json_files(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error(dir, e))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn read_file(path: &Path) -> Result<String, RegistryError> {
+    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+    if meta.len() > MAX_FIXTURE_FILE_BYTES {
+        return Err(RegistryError::Malformed {
+            origin: Origin::File {
+                path: path.to_path_buf(),
+                item: None,
+            },
+            message: format!(
+                "file is {} bytes, larger than the {MAX_FIXTURE_FILE_BYTES}-byte limit",
+                meta.len()
+            ),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    String::from_utf8(bytes).map_err(|e| RegistryError::Malformed {
+        origin: Origin::File {
+            path: path.to_path_buf(),
+            item: None,
+        },
+        message: format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
+    })
+}
+
+fn parse_json(text: &str, origin: &Origin) -> Result<Value, RegistryError> {
+    serde_json::from_str(text).map_err(|e| RegistryError::Malformed {
+        origin: origin.clone(),
+        message: format!("invalid JSON: {e}"),
+    })
+}
+
+fn parse_extension_file(
+    text: &str,
+    data: &mut Dataset,
+    origin: impl Fn(Option<String>) -> Origin,
+) -> Result<(), RegistryError> {
+    let value = parse_json(text, &origin(None))?;
+    let (items, is_array) = match value {
+        Value::Array(items) => (items, true),
+        v @ Value::Object(_) => (vec![v], false),
+        other => {
+            return Err(RegistryError::Malformed {
+                origin: origin(None),
+                message: format!(
+                    "expected an extension object or an array of them, found {}",
+                    beamline_model::limits::json_kind(&other)
+                ),
+            });
+        }
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        let id_hint = item.get("id").and_then(Value::as_str).map(str::to_string);
+        let label = match (is_array, &id_hint) {
+            (true, Some(id)) => Some(format!("item [{index}] (extension '{id}')")),
+            (true, None) => Some(format!("item [{index}]")),
+            (false, Some(id)) => Some(format!("extension '{id}'")),
+            (false, None) => None,
+        };
+        let at = origin(label);
+        let fixture: FixtureExtension =
+            serde_path_to_error::deserialize(item).map_err(|e| RegistryError::Malformed {
+                message: describe_serde_error(&e),
+                origin: at.clone(),
+            })?;
+        push_extension(fixture, &at, data);
+    }
+    Ok(())
+}
+
+fn describe_serde_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let path = e.path().to_string();
+    if path == "." || path.is_empty() {
+        e.inner().to_string()
+    } else {
+        format!("field `{path}`: {}", e.inner())
+    }
+}
+
+fn push_extension(f: FixtureExtension, origin: &Origin, data: &mut Dataset) {
+    let record = ExtensionRecord {
+        id: f.id,
+        ext_type: f.ext_type,
+        subject: f.subject,
+        timeout_ms: f
+            .timeout_ms
+            .unwrap_or(beamline_model::extension::DEFAULT_TIMEOUT_MS),
+        retry: f.retry.unwrap_or(0),
+        enabled: f.enabled.unwrap_or(true),
+        version: f
+            .version
+            .unwrap_or_else(|| beamline_model::extension::DEFAULT_VERSION.to_string()),
+        config: f.config.unwrap_or_else(empty_object),
+        metadata: f.metadata.unwrap_or_else(empty_object),
+    };
+    for (i, v) in f.versions.into_iter().enumerate() {
+        data.versions.push(Sourced {
+            origin: nested(origin, &format!("versions[{i}]")),
+            value: VersionRecord {
+                id: record.id.clone(),
+                version: v.version,
+                subject: v.subject.unwrap_or_else(|| record.subject.clone()),
+                timeout_ms: v.timeout_ms.unwrap_or(record.timeout_ms),
+                retry: v.retry.unwrap_or(record.retry),
+                config: v.config.unwrap_or_else(|| record.config.clone()),
+                metadata: v.metadata.unwrap_or_else(|| record.metadata.clone()),
+                routing_rules: v.routing_rules.unwrap_or_else(empty_object),
+                enabled: v.enabled.unwrap_or(true),
+                created_at: v.created_at,
+            },
+        });
+    }
+    for (i, inst) in f.instances.into_iter().enumerate() {
+        data.instances.push(Sourced {
+            origin: nested(origin, &format!("instances[{i}]")),
+            value: InstanceRecord {
+                extension_id: record.id.clone(),
+                instance_id: inst.instance_id,
+                subject: inst.subject.unwrap_or_else(|| record.subject.clone()),
+                weight: inst.weight.unwrap_or(100),
+                enabled: inst.enabled.unwrap_or(true),
+                health_status: inst.health_status.unwrap_or_else(|| "unknown".to_string()),
+            },
+        });
+    }
+    data.extensions.push(Sourced {
+        origin: origin.clone(),
+        value: record,
+    });
+}
+
+fn nested(origin: &Origin, inner: &str) -> Origin {
+    let join = |item: &Option<String>| match item {
+        Some(i) => Some(format!("{i}, {inner}")),
+        None => Some(inner.to_string()),
+    };
+    match origin {
+        Origin::File { path, item } => Origin::File {
+            path: path.clone(),
+            item: join(item),
+        },
+        Origin::Builtin { name, item } => Origin::Builtin {
+            name: name.clone(),
+            item: join(item),
+        },
+        Origin::Row { .. } => origin.clone(),
+    }
+}
+
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+/// `policies_dir/<tenant>/<policy>.json`; any other file or folder is an error, so a
+/// policy saved in the wrong place is not silently ignored.
+pub fn load_policies(dir: &Path, data: &mut Dataset) -> Result<(), RegistryError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error(dir, e))?;
+    let mut tenants: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(dir, e))?;
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            tenants.push(path);
+        } else {
+            return Err(RegistryError::Malformed {
+                origin: Origin::File { path, item: None },
+                message: "policies must be stored as <tenant>/<policy>.json; this file is not in a tenant folder".into(),
+            });
+        }
+    }
+    tenants.sort();
+    let mut seen: HashMap<(String, String), PathBuf> = HashMap::new();
+    for tenant_dir in tenants {
+        let tenant = tenant_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for path in json_files(&tenant_dir)? {
+            let policy_id = path
+                .file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let origin = Origin::File {
+                path: path.clone(),
+                item: None,
+            };
+            let text = read_file(&path)?;
+            let document = parse_json(&text, &origin)?;
+            if let Some(prev) = seen.insert((tenant.clone(), policy_id.clone()), path.clone()) {
+                return Err(RegistryError::Malformed {
+                    origin,
+                    message: format!("policy also defined in {}", prev.display()),
+                });
+            }
+            data.policies.push(Sourced {
+                origin,
+                value: PolicyRecord {
+                    tenant_id: tenant.clone(),
+                    policy_id,
+                    document,
+                    enabled: true,
+                },
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,28 @@
+//! The extension registry of beamline-router.
+//!
+//! It reads extensions, versions, instances and policies from fixtures or PostgreSQL,
+//! validates them whole into an immutable [`Snapshot`], and serves that snapshot
+//! behind one atomic pointer while a sync task keeps it current (periodic resync plus
+//! LISTEN/NOTIFY).
+//!
+//! Layout:
+//! - [`config`]: `[extension_registry]` and the source modes.
+//! - [`fixtures`], [`database`]: the two sources; each yields a [`Dataset`].
+//! - [`snapshot`]: validation of a whole dataset and the read API (lookup, resolve,
+//!   list by type, instances, policies).
+//! - [`registry`]: the running registry — atomic swap, reloads, auto fallback, sync.
+//! - [`error`]: [`RegistryError`], with the origin (file or row) and an [`ErrorKind`].
+
+pub mod config;
+pub mod database;
+pub mod dataset;
+pub mod error;
+pub mod fixtures;
+pub mod registry;
+pub mod snapshot;
+
+pub use config::{RegistryConfig, SourceMode};
+pub use dataset::Dataset;
+pub use error::{ErrorKind, Origin, RegistryError};
+pub use registry::{DbState, Registry, RegistryStatus, ReloadReport, Trigger};
+pub use snapshot::{ActiveSource, Counts, ExtensionEntry, Snapshot};

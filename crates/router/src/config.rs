@@ -1,0 +1,654 @@
+//! The router's configuration: a TOML file (DESIGN.md §3) plus environment overrides,
+//! validated as a whole before anything starts.
+//!
+//! Every error names where the bad value came from (the file and key, or the
+//! environment variable and the key it sets) and why it is refused. Secrets
+//! (`db_password`, the password inside `database_url`, API keys) print as `***`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use beamline_model::{Limits, Secret, SecretUrl, ValidationError};
+use beamline_registry::{RegistryConfig, SourceMode};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the registry reads from (`[extension_registry]`).
+    pub extension_registry: RegistryConfig,
+    /// The NATS server extensions are reached through.
+    pub nats: NatsConfig,
+    /// The gRPC listener (Decide, RouterAdmin, health, reflection).
+    pub grpc: GrpcConfig,
+    /// The HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+    pub http: HttpConfig,
+    /// Admin API keys and their roles.
+    pub admin: AdminConfig,
+    /// Circuit breaker defaults (a policy may override them).
+    pub circuit_breaker: BreakerConfig,
+    /// Size, depth and range limits (REFERENCE.md §6).
+    pub limits: Limits,
+    /// Log format and level.
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://host:port`; credentials in the URL are redacted when printed.
+    pub url: SecretUrl,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl::new("nats://127.0.0.1:4222"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Address the gRPC server binds.
+    pub listen: SocketAddr,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address the metrics and probe server binds.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+        }
+    }
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who holds the key; written to the audit log as `changed_by`.
+    pub name: String,
+    pub role: Role,
+    /// Lowercase hex SHA-256 of the key (preferred: the key itself is not stored).
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// The key in clear, for development only.
+    #[serde(default)]
+    pub key: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Whether breakers are used at all.
+    pub enabled: bool,
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: u32,
+    /// Error rate over the window that opens the breaker (0 < x ≤ 1).
+    pub error_rate_threshold: f64,
+    /// Calls the window must hold before the error rate counts.
+    pub min_calls: u32,
+    /// Length of the sliding window, seconds.
+    pub window_seconds: u64,
+    /// How long the breaker stays open before probing, seconds.
+    pub timeout_seconds: u64,
+    /// Probes allowed while half-open.
+    pub half_open_max_requests: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_threshold: 5,
+            error_rate_threshold: 0.5,
+            min_calls: 20,
+            window_seconds: 60,
+            timeout_seconds: 60,
+            half_open_max_requests: 3,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// text | json.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `beamline_registry=debug,info`); `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: cannot read it: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Key {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("environment variable {var} (sets `{key}`): {message}")]
+    Env {
+        var: String,
+        key: String,
+        message: String,
+    },
+    #[error("configuration: key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl Config {
+    /// Reads `path` (or the defaults when `None`), applies the environment, validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with an explicit environment, for tests.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            None => Config::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+                Self::parse(&text, p)?
+            }
+        };
+        apply_env(&mut config, &env)?;
+        config.validate().map_err(|(key, message)| match path {
+            Some(p) => ConfigError::Key {
+                path: p.to_path_buf(),
+                key,
+                message,
+            },
+            None => ConfigError::Invalid { key, message },
+        })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; errors name the key path.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: one_line(&e.to_string()),
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let message = one_line(&e.inner().to_string());
+            if key == "." || key.is_empty() {
+                ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            } else {
+                ConfigError::Key {
+                    path: path.to_path_buf(),
+                    key,
+                    message,
+                }
+            }
+        })
+    }
+
+    /// Checks every section; the error is (key path, reason).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let within = |section: &str, e: ValidationError| {
+            let key = if e.field.is_empty() {
+                section.to_string()
+            } else {
+                format!("{section}.{}", e.field)
+            };
+            (key, e.reason)
+        };
+        self.extension_registry
+            .validate()
+            .map_err(|e| within("extension_registry", e))?;
+        self.limits.validate().map_err(|e| within("limits", e))?;
+        let nats = self.nats.url.expose();
+        if !(nats.starts_with("nats://") || nats.starts_with("tls://")) {
+            return Err((
+                "nats.url".into(),
+                format!(
+                    "'{}' is not a nats:// or tls:// URL",
+                    self.nats.url.redacted()
+                ),
+            ));
+        }
+        let b = &self.circuit_breaker;
+        if b.failure_threshold == 0 {
+            return Err((
+                "circuit_breaker.failure_threshold".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if !(b.error_rate_threshold > 0.0 && b.error_rate_threshold <= 1.0) {
+            return Err((
+                "circuit_breaker.error_rate_threshold".into(),
+                format!("{} is out of range (0, 1]", b.error_rate_threshold),
+            ));
+        }
+        if b.window_seconds == 0 || b.timeout_seconds == 0 || b.half_open_max_requests == 0 {
+            return Err((
+                "circuit_breaker".into(),
+                "window_seconds, timeout_seconds and half_open_max_requests must be at least 1"
+                    .into(),
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, k) in self.admin.api_keys.iter().enumerate() {
+            let key = format!("admin.api_keys[{i}]");
+            if k.name.trim().is_empty() {
+                return Err((format!("{key}.name"), "must not be empty".into()));
+            }
+            if !names.insert(k.name.as_str()) {
+                return Err((format!("{key}.name"), format!("'{}' is used twice", k.name)));
+            }
+            match (&k.key_sha256, &k.key) {
+                (Some(_), Some(_)) => {
+                    return Err((key, "give key_sha256 or key, not both".into()));
+                }
+                (None, None) => {
+                    return Err((key, "needs key_sha256 (preferred) or key".into()));
+                }
+                (Some(h), None) => {
+                    let ok = h.len() == 64
+                        && h.chars()
+                            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+                    if !ok {
+                        return Err((
+                            format!("{key}.key_sha256"),
+                            "must be 64 lowercase hex characters (sha256sum of the key)".into(),
+                        ));
+                    }
+                }
+                (None, Some(k)) => {
+                    if k.expose().len() < 16 {
+                        return Err((
+                            format!("{key}.key"),
+                            "must be at least 16 characters".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            (
+                "log.level".to_string(),
+                format!("'{}' is not a valid filter: {e}", self.log.level),
+            )
+        })?;
+        Ok(())
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The environment variables the router reads, with the key each one sets. The
+/// `EXTENSION_REGISTRY_*` names are the original system's.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("EXTENSION_REGISTRY_SOURCE", "extension_registry.source"),
+    (
+        "EXTENSION_REGISTRY_DB_ENABLED",
+        "extension_registry.db_enabled",
+    ),
+    (
+        "EXTENSION_REGISTRY_DATABASE_URL",
+        "extension_registry.database_url",
+    ),
+    ("EXTENSION_REGISTRY_DB_HOST", "extension_registry.db_host"),
+    ("EXTENSION_REGISTRY_DB_PORT", "extension_registry.db_port"),
+    ("EXTENSION_REGISTRY_DB_NAME", "extension_registry.db_name"),
+    ("EXTENSION_REGISTRY_DB_USER", "extension_registry.db_user"),
+    (
+        "EXTENSION_REGISTRY_DB_PASSWORD",
+        "extension_registry.db_password",
+    ),
+    (
+        "EXTENSION_REGISTRY_DB_POOL_SIZE",
+        "extension_registry.db_pool_size",
+    ),
+    (
+        "EXTENSION_REGISTRY_FIXTURES_DIR",
+        "extension_registry.fixtures_dir",
+    ),
+    (
+        "EXTENSION_REGISTRY_POLICIES_DIR",
+        "extension_registry.policies_dir",
+    ),
+    (
+        "EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS",
+        "extension_registry.sync_interval_seconds",
+    ),
+    (
+        "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED",
+        "circuit_breaker.enabled",
+    ),
+    (
+        "EXTENSION_REGISTRY_CIRCUIT_BREAKER_FAILURE_THRESHOLD",
+        "circuit_breaker.failure_threshold",
+    ),
+    (
+        "EXTENSION_REGISTRY_CIRCUIT_BREAKER_TIMEOUT_SECONDS",
+        "circuit_breaker.timeout_seconds",
+    ),
+    ("BEAMLINE_NATS_URL", "nats.url"),
+    ("BEAMLINE_GRPC_LISTEN", "grpc.listen"),
+    ("BEAMLINE_HTTP_LISTEN", "http.listen"),
+    ("BEAMLINE_LOG_FORMAT", "log.format"),
+    ("BEAMLINE_LOG_LEVEL", "log.level"),
+];
+
+fn apply_env(
+    config: &mut Config,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    for (var, key) in ENV_VARS {
+        let Some(raw) = env(var) else { continue };
+        let value = raw.trim();
+        let fail = |message: String| ConfigError::Env {
+            var: (*var).to_string(),
+            key: (*key).to_string(),
+            message,
+        };
+        // Never echo the value of a secret-bearing variable.
+        let shown = if var.contains("PASSWORD") {
+            "***".to_string()
+        } else if var.ends_with("_URL") {
+            beamline_model::secret::redact_url(value)
+        } else {
+            value.to_string()
+        };
+        let r = &mut config.extension_registry;
+        match *var {
+            "EXTENSION_REGISTRY_SOURCE" => r.source = value.parse::<SourceMode>().map_err(fail)?,
+            "EXTENSION_REGISTRY_DB_ENABLED" => r.db_enabled = parse_bool(value).map_err(fail)?,
+            "EXTENSION_REGISTRY_DATABASE_URL" => r.database_url = Some(SecretUrl::new(value)),
+            "EXTENSION_REGISTRY_DB_HOST" => r.db_host = value.to_string(),
+            "EXTENSION_REGISTRY_DB_PORT" => {
+                r.db_port = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a port number")))?
+            }
+            "EXTENSION_REGISTRY_DB_NAME" => r.db_name = value.to_string(),
+            "EXTENSION_REGISTRY_DB_USER" => r.db_user = value.to_string(),
+            "EXTENSION_REGISTRY_DB_PASSWORD" => r.db_password = Some(Secret::new(raw.clone())),
+            "EXTENSION_REGISTRY_DB_POOL_SIZE" => {
+                r.db_pool_size = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a whole number")))?
+            }
+            "EXTENSION_REGISTRY_FIXTURES_DIR" => r.fixtures_dir = Some(PathBuf::from(value)),
+            "EXTENSION_REGISTRY_POLICIES_DIR" => r.policies_dir = Some(PathBuf::from(value)),
+            "EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS" => {
+                r.sync_interval_seconds = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a whole number of seconds")))?
+            }
+            "EXTENSION_REGISTRY_CIRCUIT_BREAKER_ENABLED" => {
+                config.circuit_breaker.enabled = parse_bool(value).map_err(fail)?
+            }
+            "EXTENSION_REGISTRY_CIRCUIT_BREAKER_FAILURE_THRESHOLD" => {
+                config.circuit_breaker.failure_threshold = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a whole number")))?
+            }
+            "EXTENSION_REGISTRY_CIRCUIT_BREAKER_TIMEOUT_SECONDS" => {
+                config.circuit_breaker.timeout_seconds = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a whole number of seconds")))?
+            }
+            "BEAMLINE_NATS_URL" => config.nats.url = SecretUrl::new(value),
+            "BEAMLINE_GRPC_LISTEN" => {
+                config.grpc.listen = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not an address like 127.0.0.1:9000")))?
+            }
+            "BEAMLINE_HTTP_LISTEN" => {
+                config.http.listen = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not an address like 127.0.0.1:9100")))?
+            }
+            "BEAMLINE_LOG_FORMAT" => {
+                config.log.format = match value {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    _ => return Err(fail(format!("'{shown}' is not text or json"))),
+                }
+            }
+            "BEAMLINE_LOG_LEVEL" => config.log.level = value.to_string(),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("'{value}' is not a boolean (true/false)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.toml");
+        std::fs::write(&path, text).unwrap();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_with_env(Some(&path), |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    const DESIGN_SAMPLE: &str = r#"
+[extension_registry]
+source = "database"
+db_enabled = true
+database_url = "postgres://postgres:hunter2@127.0.0.1:5432/beamline"
+fixtures_dir = "fixtures/extensions"
+policies_dir = "fixtures/policies"
+sync_interval_seconds = 30
+
+[nats]
+url = "nats://127.0.0.1:4222"
+
+[grpc]
+listen = "127.0.0.1:9000"
+
+[http]
+listen = "127.0.0.1:9100"
+
+[[admin.api_keys]]
+name = "ops"
+role = "admin"
+key_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+"#;
+
+    #[test]
+    fn the_design_sample_loads() {
+        let c = load(DESIGN_SAMPLE, &[]).unwrap();
+        assert_eq!(c.extension_registry.source, SourceMode::Database);
+        assert_eq!(c.admin.api_keys[0].role, Role::Admin);
+        let shown = format!("{c:?} {}", serde_json::to_string(&c).unwrap());
+        assert!(!shown.contains("hunter2"), "secret leaked: {shown}");
+    }
+
+    #[test]
+    fn no_file_means_fixtures_defaults() {
+        let c = Config::load_with_env(None, |_| None).unwrap();
+        assert_eq!(c.extension_registry.source, SourceMode::Fixtures);
+        assert_eq!(c.grpc.listen.port(), 9000);
+    }
+
+    #[test]
+    fn original_env_vars_override_the_file() {
+        let c = load(
+            DESIGN_SAMPLE,
+            &[
+                ("EXTENSION_REGISTRY_SOURCE", "auto"),
+                ("EXTENSION_REGISTRY_DB_HOST", "db.internal"),
+                ("EXTENSION_REGISTRY_DB_PORT", "6432"),
+                ("EXTENSION_REGISTRY_SYNC_INTERVAL_SECONDS", "5"),
+                ("EXTENSION_REGISTRY_CIRCUIT_BREAKER_FAILURE_THRESHOLD", "7"),
+            ],
+        )
+        .unwrap();
+        let r = &c.extension_registry;
+        assert_eq!(
+            (r.source, r.db_host.as_str(), r.db_port),
+            (SourceMode::Auto, "db.internal", 6432)
+        );
+        assert_eq!(r.sync_interval_seconds, 5);
+        assert_eq!(c.circuit_breaker.failure_threshold, 7);
+    }
+
+    #[test]
+    fn a_bad_value_names_file_key_and_reason() {
+        let err = load(
+            "[extension_registry]\nsync_interval_seconds = \"often\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("router.toml"), "{err}");
+        assert!(
+            err.contains("extension_registry.sync_interval_seconds"),
+            "{err}"
+        );
+
+        let err = load("[extension_registry]\nsource = \"db\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("extension_registry.source") && err.contains("db"),
+            "{err}"
+        );
+
+        let err = load("[extension_registry]\ndb_pool_size = 1\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("extension_registry.db_pool_size") && err.contains("2..=100"),
+            "{err}"
+        );
+
+        let err = load("[extension_registy]\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("extension_registy"), "{err}");
+
+        let err = load("[limits]\nmax_timeout_ms = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.min_timeout_ms"), "{err}");
+
+        let err = load("not toml = = =", &[]).unwrap_err().to_string();
+        assert!(err.contains("router.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_env_value_names_the_variable_and_hides_secrets() {
+        let err = load("", &[("EXTENSION_REGISTRY_DB_PORT", "fifty")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("EXTENSION_REGISTRY_DB_PORT") && err.contains("fifty"),
+            "{err}"
+        );
+        let err = load(
+            "",
+            &[("EXTENSION_REGISTRY_DATABASE_URL", "mysql://u:hunter2@h/db")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("database_url") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn api_keys_are_checked() {
+        let err = load(
+            "[[admin.api_keys]]\nname = \"ops\"\nrole = \"admin\"\nkey_sha256 = \"XYZ\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("admin.api_keys[0].key_sha256"), "{err}");
+        let err = load(
+            "[[admin.api_keys]]\nname = \"ops\"\nrole = \"root\"\nkey = \"0123456789abcdef\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("root"), "{err}");
+        let ok = load("[[admin.api_keys]]\nname = \"dev\"\nrole = \"viewer\"\nkey = \"0123456789abcdefXYZ\"\n", &[]).unwrap();
+        assert!(!format!("{ok:?}").contains("0123456789abcdefXYZ"));
+    }
+}

@@ -1,0 +1,43 @@
+//! `beamline-router`: the binary. It parses the command line and hands over to the
+//! library crates; `serve` runs the router, `migrate` applies the schema, and the
+//! operator commands (later) talk to a running router over its admin API.
+//!
+//! Layout: [`cli`] (arguments), [`config`] (TOML + environment, validated),
+//! [`serve`] (wiring and lifecycle), [`migrate`], [`logging`].
+
+mod cli;
+mod config;
+mod logging;
+mod migrate;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            cli::Command::Serve(args) => serve::run(args).await,
+            cli::Command::Migrate(args) => migrate::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(cli::exit_code(&e))
+        }
+    }
+}

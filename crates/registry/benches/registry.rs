@@ -174,9 +174,11 @@ fn reloads(c: &mut Criterion) {
     let db = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(10),
-            beamline_test_support::TestDatabase::create(),
+            beamline_test_support::TestDatabase::try_create(),
         )
         .await
+        .map_err(|_| "timed out".to_string())
+        .and_then(|r| r)
     });
     let Ok(db) = db else {
         eprintln!("P4 skipped: no PostgreSQL at DATABASE_URL");

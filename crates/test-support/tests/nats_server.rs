@@ -1,0 +1,155 @@
+//! NatsServer: start, stop, restart and clean-up, checked over the NATS protocol.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::time::Duration;
+
+use beamline_test_support::NatsServer;
+
+/// A minimal NATS client speaking the text protocol.
+struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    info: String,
+}
+
+impl Client {
+    fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect to nats");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set timeout");
+        let writer = stream.try_clone().expect("clone stream");
+        let mut reader = BufReader::new(stream);
+        let mut info = String::new();
+        reader.read_line(&mut info).expect("read INFO");
+        let mut client = Client {
+            reader,
+            writer,
+            info,
+        };
+        client.send("CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true}\r\nSUB _INBOX.test 1\r\n");
+        client
+    }
+
+    fn send(&mut self, text: &str) {
+        self.writer.write_all(text.as_bytes()).expect("write");
+    }
+
+    /// Publishes `payload` to `subject` with a reply subject and returns the reply.
+    fn request(&mut self, subject: &str, payload: &str) -> String {
+        self.send(&format!(
+            "PUB {subject} _INBOX.test {}\r\n{payload}\r\n",
+            payload.len()
+        ));
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).expect("read from nats");
+            if line.starts_with("PING") {
+                self.send("PONG\r\n");
+            } else if let Some(rest) = line.strip_prefix("MSG ") {
+                let len: usize = rest
+                    .split_whitespace()
+                    .last()
+                    .and_then(|n| n.parse().ok())
+                    .expect("MSG length");
+                let mut body = vec![0; len + 2];
+                self.reader.read_exact(&mut body).expect("read MSG body");
+                body.truncate(len);
+                return String::from_utf8(body).expect("utf-8 reply");
+            } else if line.starts_with("-ERR") {
+                panic!("nats error: {line}");
+            }
+        }
+    }
+}
+
+fn assert_refused(port: u16) {
+    let result = TcpStream::connect((Ipv4Addr::LOCALHOST, port));
+    assert!(result.is_err(), "port {port} should be closed");
+}
+
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn start_serves_info_with_jetstream() {
+    let nats = NatsServer::start();
+    assert!(nats.is_running());
+    assert_eq!(nats.url(), format!("nats://127.0.0.1:{}", nats.port()));
+    let client = Client::connect(nats.port());
+    assert!(client.info.starts_with("INFO {"), "{}", client.info);
+    assert!(
+        client.info.contains("\"jetstream\":true"),
+        "{}",
+        client.info
+    );
+}
+
+#[test]
+fn stop_and_restart_keep_the_port_and_the_jetstream_store() {
+    let mut nats = NatsServer::start();
+    let port = nats.port();
+    {
+        let mut client = Client::connect(port);
+        let created = client.request(
+            "$JS.API.STREAM.CREATE.ORDERS",
+            r#"{"name":"ORDERS","subjects":["orders.>"],"storage":"file"}"#,
+        );
+        assert!(!created.contains("\"error\""), "{created}");
+        let ack = client.request("orders.1", "hello");
+        assert!(ack.contains("\"stream\":\"ORDERS\""), "{ack}");
+    }
+
+    nats.stop();
+    assert!(!nats.is_running());
+    assert_eq!(nats.pid(), None);
+    assert_refused(port);
+    nats.stop(); // stopping twice is harmless
+
+    nats.restart();
+    assert!(nats.is_running());
+    assert_eq!(nats.port(), port);
+    let mut client = Client::connect(port);
+    assert!(client.info.starts_with("INFO "), "{}", client.info);
+    let info = client.request("$JS.API.STREAM.INFO.ORDERS", "");
+    assert!(
+        info.contains("\"messages\":1"),
+        "the stream should survive: {info}"
+    );
+
+    // restart() on a running server stops it first.
+    let before = nats.pid().expect("running");
+    nats.restart();
+    let after = nats.pid().expect("running");
+    assert_ne!(before, after);
+    assert!(!process_alive(before));
+}
+
+#[test]
+fn drop_kills_the_server_and_removes_its_directory() {
+    let nats = NatsServer::start();
+    let pid = nats.pid().expect("running");
+    let port = nats.port();
+    let dir = nats.store_dir().to_path_buf();
+    assert!(dir.is_dir());
+    drop(nats);
+    assert!(!process_alive(pid), "nats-server {pid} should be gone");
+    assert!(!dir.exists(), "{} should be removed", dir.display());
+    assert_refused(port);
+}
+
+#[test]
+fn servers_get_distinct_ports() {
+    let a = NatsServer::start();
+    let b = NatsServer::start();
+    assert_ne!(a.port(), b.port());
+    assert_ne!(a.store_dir(), b.store_dir());
+}

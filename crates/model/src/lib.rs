@@ -12,6 +12,7 @@
 //! - [`limits`]: the size, depth and range limits, with their error names.
 //! - [`subject`]: what a valid NATS subject is.
 //! - [`secret`]: secrets and URLs that print redacted.
+//! - [`wire`]: the extension request and reply protocol over NATS.
 //! - [`codes`]: the error codes a request can fail with.
 //! - [`error`]: [`ValidationError`], which names the field and the reason.
 
@@ -23,6 +24,7 @@ pub mod policy;
 pub mod routing;
 pub mod secret;
 pub mod subject;
+pub mod wire;
 
 pub use codes::ErrorCode;
 pub use error::ValidationError;

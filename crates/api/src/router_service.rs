@@ -1,0 +1,143 @@
+//! gRPC `beamline.flow.v1.Router/Decide`.
+
+use beamline_model::ErrorCode;
+use beamline_model::wire::Message;
+use beamline_pipeline::{DecideError, DecideRequest, Decision, Pipeline};
+use serde_json::{Map, Value};
+use tonic::{Request, Response, Status};
+
+use crate::proto;
+use crate::proto::router_server::Router;
+
+/// The Router service over a pipeline.
+#[derive(Clone)]
+pub struct RouterService {
+    pipeline: Pipeline,
+}
+
+impl RouterService {
+    pub fn new(pipeline: Pipeline) -> RouterService {
+        RouterService { pipeline }
+    }
+}
+
+/// The gRPC status for a pipeline error: the message starts with the error code, and
+/// the code is also in the `x-beamline-error-code` trailer for programs.
+pub fn status_of(e: &DecideError) -> Status {
+    let code = match e.code {
+        ErrorCode::InvalidRequest => tonic::Code::InvalidArgument,
+        ErrorCode::PolicyNotFound | ErrorCode::ExtensionNotFound => tonic::Code::NotFound,
+        ErrorCode::ValidatorBlocked => tonic::Code::FailedPrecondition,
+        ErrorCode::ExtensionTimeout | ErrorCode::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+        ErrorCode::ExtensionUnavailable | ErrorCode::DecisionFailed => tonic::Code::Unavailable,
+        ErrorCode::PreProcessorFailed
+        | ErrorCode::PostProcessorFailed
+        | ErrorCode::ExtensionError
+        | ErrorCode::InvalidResponseFormat => tonic::Code::Aborted,
+        ErrorCode::Internal => tonic::Code::Internal,
+    };
+    let mut status = Status::new(code, format!("{}: {}", e.code, e.message));
+    if let Ok(v) = e.code.as_str().parse() {
+        status.metadata_mut().insert("x-beamline-error-code", v);
+    }
+    status
+}
+
+fn invalid(message: impl Into<String>) -> Status {
+    status_of(&DecideError {
+        code: ErrorCode::InvalidRequest,
+        message: message.into(),
+        details: Map::new(),
+        executed_extensions: Vec::new(),
+    })
+}
+
+/// Converts the wire request; the payload must be UTF-8 text.
+pub fn decide_request(req: proto::RouteRequest) -> Result<DecideRequest, Status> {
+    let m = req.message.ok_or_else(|| invalid("message is required"))?;
+    let payload = String::from_utf8(m.payload)
+        .map_err(|e| invalid(format!("message.payload must be UTF-8 text (invalid byte at {})", e.utf8_error().valid_up_to())))?;
+    let context: Map<String, Value> = req.context.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+    let request_id = context
+        .get("request_id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| m.message_id.clone());
+    Ok(DecideRequest {
+        request_id,
+        message: Message {
+            message_id: m.message_id,
+            tenant_id: m.tenant_id,
+            trace_id: m.trace_id,
+            message_type: m.message_type,
+            payload,
+            metadata: m.metadata.into_iter().map(|(k, v)| (k, Value::String(v))).collect(),
+        },
+        policy_id: req.policy_id,
+        context,
+    })
+}
+
+fn string_map(map: &Map<String, Value>) -> std::collections::HashMap<String, String> {
+    map.iter()
+        .map(|(k, v)| (k.clone(), match v { Value::String(s) => s.clone(), other => other.to_string() }))
+        .collect()
+}
+
+/// Converts a decision to the wire.
+pub fn route_decision(d: Decision) -> proto::RouteDecision {
+    proto::RouteDecision {
+        provider_id: d.provider_id,
+        reason: d.reason,
+        priority: d.priority,
+        expected_latency_ms: d.expected_latency_ms,
+        expected_cost: d.expected_cost,
+        metadata: d.metadata.into_iter().collect(),
+        final_message: Some(proto::Message {
+            metadata: string_map(&d.message.metadata),
+            message_id: d.message.message_id,
+            tenant_id: d.message.tenant_id,
+            trace_id: d.message.trace_id,
+            message_type: d.message.message_type,
+            payload: d.message.payload.into_bytes(),
+            timestamp_ms: chrono_now_ms(),
+        }),
+        executed_extensions: d
+            .executed_extensions
+            .into_iter()
+            .map(|e| proto::ExecutedExtension {
+                r#type: e.ext_type.to_string(),
+                id: e.id,
+                status: e.status.as_str().to_string(),
+                latency_ms: e.latency_ms,
+                version: e.version.unwrap_or_default(),
+                instance: e.instance.unwrap_or_default(),
+                error: e.error.unwrap_or_default(),
+            })
+            .collect(),
+        provider_output: d.provider_output.map(|p| proto::ProviderOutput {
+            provider_id: p.provider_id,
+            output_json: p.output.to_string(),
+            prompt_tokens: p.prompt_tokens,
+            completion_tokens: p.completion_tokens,
+        }),
+    }
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl Router for RouterService {
+    async fn decide(&self, request: Request<proto::RouteRequest>) -> Result<Response<proto::RouteDecision>, Status> {
+        let req = decide_request(request.into_inner())?;
+        match self.pipeline.decide(req).await {
+            Ok(d) => Ok(Response::new(route_decision(d))),
+            Err(e) => Err(status_of(&e)),
+        }
+    }
+}

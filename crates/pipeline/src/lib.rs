@@ -1,0 +1,24 @@
+//! The extension pipeline of beamline-router.
+//!
+//! [`Pipeline::decide`] runs a request through its tenant's policy, calling
+//! extensions over NATS. Around every call: version resolution (registry), instance
+//! choice ([`balancer`]), the circuit breaker ([`breaker`]), the NATS request with
+//! timeout and retries ([`invoker`]), and health recording ([`health`]). Live
+//! per-extension state lives in [`runtime`], apart from the registry snapshot, so
+//! reloads never reset it; [`observer`] is how metrics and logs hear about it all.
+
+pub mod balancer;
+pub mod breaker;
+pub mod health;
+pub mod invoker;
+pub mod observer;
+pub mod pipeline;
+pub mod runtime;
+
+pub use breaker::{BreakerConfig, BreakerState};
+pub use invoker::{InvokeError, InvokerConfig};
+pub use observer::{InvocationEvent, Observer};
+pub use pipeline::{
+    DecideError, DecideRequest, Decision, ExecutedExtension, Pipeline, PipelineConfig, StepStatus,
+};
+pub use runtime::{ExtensionHealth, HealthSummary};

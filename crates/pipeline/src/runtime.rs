@@ -1,0 +1,212 @@
+//! Live per-extension state — breaker, health window, instance balancer — kept apart
+//! from the registry snapshot so a reload never resets it.
+//!
+//! Lookups are one atomic load of a copy-on-write map: the hot path takes no lock
+//! shared between extensions. Entries are created on first use (rare) under a mutex
+//! that readers never touch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::balancer::SmoothWrr;
+use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot};
+use crate::health::{Health, HealthSnapshot};
+
+/// A map that is read without locks and written by copying.
+pub struct CowMap<V> {
+    map: ArcSwap<HashMap<String, Arc<V>>>,
+    write: Mutex<()>,
+}
+
+impl<V> Default for CowMap<V> {
+    fn default() -> Self {
+        CowMap {
+            map: ArcSwap::from_pointee(HashMap::new()),
+            write: Mutex::new(()),
+        }
+    }
+}
+
+impl<V> CowMap<V> {
+    #[inline]
+    pub fn get(&self, key: &str) -> Option<Arc<V>> {
+        self.map.load().get(key).cloned()
+    }
+
+    pub fn get_or_insert_with(&self, key: &str, make: impl FnOnce() -> V) -> Arc<V> {
+        if let Some(v) = self.get(key) {
+            return v;
+        }
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.map.load();
+        if let Some(v) = current.get(key) {
+            return v.clone();
+        }
+        let value = Arc::new(make());
+        let mut next = HashMap::with_capacity(current.len() + 1);
+        next.extend(current.iter().map(|(k, v)| (k.clone(), v.clone())));
+        next.insert(key.to_string(), value.clone());
+        self.map.store(Arc::new(next));
+        value
+    }
+
+    /// Every entry, in no particular order.
+    pub fn entries(&self) -> Vec<(String, Arc<V>)> {
+        self.map
+            .load()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Everything the router learns about one extension by calling it.
+#[derive(Debug)]
+pub struct ExtensionRuntime {
+    pub breaker: Arc<Breaker>,
+    pub health: Health,
+    pub balancer: SmoothWrr,
+}
+
+/// Health and breaker of one extension, as operators see it (`health get`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExtensionHealth {
+    pub extension_id: String,
+    #[serde(flatten)]
+    pub health: HealthSnapshot,
+    pub circuit_breaker_state: &'static str,
+    pub circuit_breaker_opened_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(skip)]
+    pub breaker: BreakerSnapshot,
+}
+
+/// `health summary`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HealthSummary {
+    pub total: usize,
+    pub healthy: usize,
+    pub unhealthy: usize,
+    pub half_open: usize,
+    pub avg_success_rate: f64,
+    pub avg_latency_ms: f64,
+    pub avg_p95_latency_ms: f64,
+}
+
+/// Success rate below which a closed extension counts as unhealthy (the runbook's
+/// `ExtensionSuccessRateLow` threshold).
+pub const UNHEALTHY_SUCCESS_RATE: f64 = 0.9;
+
+/// All live extension state.
+pub struct RuntimeTable {
+    /// Added to the real clock: lets tests move breaker and health time forward
+    /// instead of sleeping through it.
+    clock_offset_ms: std::sync::atomic::AtomicU64,
+    extensions: CowMap<ExtensionRuntime>,
+    instance_breakers: CowMap<Breaker>,
+    breaker_config: BreakerConfig,
+    health_window: Duration,
+}
+
+impl RuntimeTable {
+    pub fn new(breaker_config: BreakerConfig) -> RuntimeTable {
+        let health_window = Duration::from_secs(breaker_config.window_seconds);
+        RuntimeTable {
+            clock_offset_ms: std::sync::atomic::AtomicU64::new(0),
+            extensions: CowMap::default(),
+            instance_breakers: CowMap::default(),
+            breaker_config,
+            health_window,
+        }
+    }
+
+    /// The pipeline's notion of now (the real clock plus any test offset).
+    #[inline]
+    pub fn now(&self) -> Instant {
+        Instant::now()
+            + Duration::from_millis(
+                self.clock_offset_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+    }
+
+    /// Moves breaker and health time forward (tests).
+    pub fn advance_clock(&self, by: Duration) {
+        self.clock_offset_ms
+            .fetch_add(by.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn breaker_config(&self) -> &BreakerConfig {
+        &self.breaker_config
+    }
+
+    #[inline]
+    pub fn extension(&self, id: &str) -> Arc<ExtensionRuntime> {
+        self.extensions.get_or_insert_with(id, || ExtensionRuntime {
+            breaker: Breaker::new(self.breaker_config.clone()),
+            health: Health::new(self.health_window),
+            balancer: SmoothWrr::new(),
+        })
+    }
+
+    /// Existing state only (no entry is created for a mere read).
+    pub fn existing(&self, id: &str) -> Option<Arc<ExtensionRuntime>> {
+        self.extensions.get(id)
+    }
+
+    pub fn instance_breaker(&self, extension_id: &str, instance_id: &str) -> Arc<Breaker> {
+        let key = format!("{extension_id}\u{1f}{instance_id}");
+        self.instance_breakers
+            .get_or_insert_with(&key, || Breaker::build(self.breaker_config.clone()))
+    }
+
+    /// Health of one extension (an extension never called reports empty health).
+    pub fn health_of(&self, id: &str, now: Instant) -> ExtensionHealth {
+        let rt = self.extension(id);
+        let breaker = rt.breaker.snapshot(now);
+        ExtensionHealth {
+            extension_id: id.to_string(),
+            health: rt.health.snapshot(now),
+            circuit_breaker_state: breaker.state.as_str(),
+            circuit_breaker_opened_at: breaker.opened_at,
+            breaker,
+        }
+    }
+
+    /// Aggregates over `ids` (normally every extension of the registry).
+    pub fn summary<'a>(&self, ids: impl Iterator<Item = &'a str>, now: Instant) -> HealthSummary {
+        let mut s = HealthSummary::default();
+        let (mut rate, mut lat, mut p95, mut with_calls) = (0.0, 0.0, 0.0, 0usize);
+        for id in ids {
+            let h = self.health_of(id, now);
+            s.total += 1;
+            match h.breaker.state {
+                crate::breaker::BreakerState::HalfOpen => s.half_open += 1,
+                crate::breaker::BreakerState::Open => s.unhealthy += 1,
+                crate::breaker::BreakerState::Closed => {
+                    if h.health.window_calls > 0 && h.health.success_rate < UNHEALTHY_SUCCESS_RATE {
+                        s.unhealthy += 1;
+                    } else {
+                        s.healthy += 1;
+                    }
+                }
+            }
+            rate += h.health.success_rate;
+            if h.health.window_calls > 0 {
+                with_calls += 1;
+                lat += h.health.avg_latency_ms;
+                p95 += h.health.p95_latency_ms;
+            }
+        }
+        if s.total > 0 {
+            s.avg_success_rate = rate / s.total as f64;
+        }
+        if with_calls > 0 {
+            s.avg_latency_ms = lat / with_calls as f64;
+            s.avg_p95_latency_ms = p95 / with_calls as f64;
+        }
+        s
+    }
+}

@@ -1,0 +1,166 @@
+//! Breaker transitions through the pipeline against real NATS, with time moved by the
+//! pipeline's clock (never slept through), and health as operators read it.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use beamline_model::ErrorCode;
+use beamline_pipeline::BreakerState;
+use beamline_sdk::{ExtensionError, ExtensionRequest, Handler, Response};
+use common::*;
+use serde_json::json;
+
+/// Fails while `broken` is set.
+struct Switch {
+    broken: Arc<AtomicBool>,
+    hits: Arc<AtomicU64>,
+}
+
+impl Handler for Switch {
+    async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        if self.broken.load(Ordering::Relaxed) {
+            Err(ExtensionError::new("down", "switched off"))
+        } else {
+            Ok(Response::unchanged())
+        }
+    }
+}
+
+#[tokio::test]
+async fn closed_open_half_open_closed_and_reopen() {
+    let mut h = Harness::new(
+        json!([ext("s", "pre", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "s"}]}),
+    )
+    .await;
+    let broken = Arc::new(AtomicBool::new(true));
+    let hits = Arc::new(AtomicU64::new(0));
+    h.serve(
+        "s",
+        Switch {
+            broken: broken.clone(),
+            hits: hits.clone(),
+        },
+    )
+    .await;
+    let rt = h.pipeline.runtime();
+
+    for _ in 0..5 {
+        assert_eq!(
+            h.pipeline.decide(h.request("x")).await.unwrap_err().code,
+            ErrorCode::PreProcessorFailed
+        );
+    }
+    assert_eq!(rt.extension("s").breaker.state(), BreakerState::Open);
+    // Open: fails at once with extension_unavailable and sends nothing.
+    let before = hits.load(Ordering::Relaxed);
+    let e = h.pipeline.decide(h.request("x")).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::ExtensionUnavailable, "{e}");
+    assert_eq!(
+        hits.load(Ordering::Relaxed),
+        before,
+        "an open breaker sent a NATS request"
+    );
+
+    // After the open timeout, a probe goes through; it fails → open again.
+    rt.advance_clock(Duration::from_secs(61));
+    assert_eq!(
+        h.pipeline.decide(h.request("x")).await.unwrap_err().code,
+        ErrorCode::PreProcessorFailed
+    );
+    assert_eq!(hits.load(Ordering::Relaxed), before + 1);
+    assert_eq!(rt.extension("s").breaker.state(), BreakerState::Open);
+    assert_eq!(
+        h.pipeline.decide(h.request("x")).await.unwrap_err().code,
+        ErrorCode::ExtensionUnavailable
+    );
+
+    // Fixed; next timeout → probe succeeds → closed.
+    broken.store(false, Ordering::Relaxed);
+    rt.advance_clock(Duration::from_secs(61));
+    h.pipeline.decide(h.request("x")).await.unwrap();
+    assert_eq!(rt.extension("s").breaker.state(), BreakerState::Closed);
+    h.pipeline.decide(h.request("x")).await.unwrap();
+
+    let health = rt.health_of("s", rt.now());
+    assert_eq!(
+        (health.health.success_count, health.health.failure_count),
+        (2, 6)
+    );
+    assert_eq!(health.circuit_breaker_state, "closed");
+    assert_eq!(rt.extension("s").breaker.opened_total(), 2);
+}
+
+#[tokio::test]
+async fn timeouts_and_garbage_count_as_failures_but_refusals_do_not() {
+    let mut h = Harness::new(
+        json!([ext("slow", "pre", 20, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "slow", "mode": "optional"}]}),
+    )
+    .await;
+    h.serve("slow", Slow(Duration::from_millis(300))).await;
+    for _ in 0..5 {
+        h.pipeline.decide(h.request("x")).await.unwrap();
+    }
+    let rt = h.pipeline.runtime();
+    assert_eq!(rt.extension("slow").breaker.state(), BreakerState::Open);
+    // Calls refused while open are not failures of the extension.
+    for _ in 0..10 {
+        h.pipeline.decide(h.request("x")).await.unwrap();
+    }
+    assert_eq!(rt.health_of("slow", rt.now()).health.failure_count, 5);
+}
+
+#[tokio::test]
+async fn a_provider_with_an_open_breaker_is_skipped() {
+    let mut h = Harness::new(
+        json!([ext("pa", "provider", 1000, 0), ext("pb", "provider", 1000, 0)]),
+        json!({"providers": [{"name": "a", "weight": 99, "extension": "pa"}, {"name": "b", "weight": 1, "extension": "pb"}]}),
+    )
+    .await;
+    h.serve("pa", Fail).await;
+    h.serve("pb", Provider("b")).await;
+    let mut failures = 0;
+    for _ in 0..20 {
+        if h.pipeline.decide(h.request("x")).await.is_err() {
+            failures += 1;
+        }
+    }
+    assert!(failures >= 5);
+    assert_eq!(
+        h.pipeline.runtime().extension("pa").breaker.state(),
+        BreakerState::Open
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            h.pipeline.decide(h.request("x")).await.unwrap().provider_id,
+            "b"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_summary_counts_states() {
+    let mut h = Harness::new(
+        json!([ext("good", "pre", 1000, 0), ext("bad", "pre", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "good"}, {"id": "bad", "mode": "optional"}]}),
+    )
+    .await;
+    h.serve("good", Tag("g")).await;
+    h.serve("bad", Fail).await;
+    for _ in 0..6 {
+        h.pipeline.decide(h.request("x")).await.unwrap();
+    }
+    let rt = h.pipeline.runtime();
+    let s = rt.summary(["good", "bad"].into_iter(), rt.now());
+    assert_eq!((s.total, s.healthy, s.unhealthy, s.half_open), (2, 1, 1, 0));
+    assert!(s.avg_latency_ms > 0.0);
+    rt.advance_clock(Duration::from_secs(61));
+    let _ = rt.extension("bad").breaker.try_acquire(rt.now()).unwrap();
+    let s = rt.summary(["good", "bad"].into_iter(), rt.now());
+    assert_eq!(s.half_open, 1);
+}

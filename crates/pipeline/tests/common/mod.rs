@@ -1,0 +1,270 @@
+//! A pipeline wired to real NATS and a fixtures registry in a temp dir, plus test
+//! extensions built on the SDK. Every harness uses its own subject prefix, so tests
+//! sharing one NATS server never hear each other.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use beamline_model::Limits;
+use beamline_model::wire::Message;
+use beamline_pipeline::{BreakerConfig, DecideRequest, InvokerConfig, Pipeline, PipelineConfig};
+use beamline_registry::{Registry, RegistryConfig, SourceMode};
+use beamline_sdk::{ExtensionError, ExtensionRequest, Handler, Response, ServeOptions};
+use serde_json::{Map, Value, json};
+
+pub struct Harness {
+    pub pipeline: Pipeline,
+    pub client: async_nats::Client,
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+pub fn fast_invoker() -> InvokerConfig {
+    InvokerConfig {
+        retry_backoff_base_ms: 5,
+        retry_backoff_max_ms: 20,
+        ..InvokerConfig::default()
+    }
+}
+
+impl Harness {
+    /// `extensions` and `policy` may use `{p}` for the subject prefix.
+    pub async fn new(extensions: Value, policy: Value) -> Harness {
+        Self::with(
+            extensions,
+            policy,
+            BreakerConfig::default(),
+            Limits::default(),
+        )
+        .await
+    }
+
+    pub async fn with(
+        extensions: Value,
+        policy: Value,
+        breaker: BreakerConfig,
+        limits: Limits,
+    ) -> Harness {
+        let prefix = format!(
+            "t{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ext_dir = dir.path().join("extensions");
+        let pol_dir = dir.path().join("policies/acme");
+        std::fs::create_dir_all(&ext_dir).unwrap();
+        std::fs::create_dir_all(&pol_dir).unwrap();
+        let fill = |v: &Value| v.to_string().replace("{p}", &prefix);
+        std::fs::write(ext_dir.join("all.json"), fill(&extensions)).unwrap();
+        std::fs::write(pol_dir.join("default.json"), fill(&policy)).unwrap();
+        let registry = Registry::start(
+            RegistryConfig {
+                source: SourceMode::Fixtures,
+                fixtures_dir: Some(ext_dir),
+                policies_dir: Some(dir.path().join("policies")),
+                ..RegistryConfig::default()
+            },
+            limits.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(registry.is_loaded(), "{:?}", registry.status().last_error);
+        let client = async_nats::connect(beamline_test_support::nats_url())
+            .await
+            .expect("NATS at NATS_URL");
+        let config = PipelineConfig {
+            invoker: fast_invoker(),
+            ..PipelineConfig::default()
+        };
+        let pipeline = Pipeline::new(registry, client.clone(), config, breaker, limits);
+        Harness {
+            pipeline,
+            client,
+            prefix,
+            dir,
+            tasks: Vec::new(),
+        }
+    }
+
+    pub fn subject(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    pub async fn serve<H: Handler>(&mut self, name: &str, handler: H) {
+        let t = beamline_sdk::spawn(
+            self.client.clone(),
+            &self.subject(name),
+            handler,
+            ServeOptions::default(),
+        )
+        .await
+        .unwrap();
+        self.tasks.push(t);
+    }
+
+    /// Stops every served extension (they vanish from NATS).
+    pub async fn stop_extensions(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        self.client.flush().await.unwrap();
+    }
+
+    pub fn request(&self, text: &str) -> DecideRequest {
+        self.request_for("acme", text)
+    }
+
+    pub fn request_for(&self, tenant: &str, text: &str) -> DecideRequest {
+        DecideRequest {
+            request_id: "r1".into(),
+            message: Message {
+                message_id: "m1".into(),
+                tenant_id: tenant.into(),
+                trace_id: "trace-1".into(),
+                message_type: "chat".into(),
+                payload: text.into(),
+                metadata: Map::new(),
+            },
+            policy_id: String::new(),
+            context: Map::new(),
+        }
+    }
+}
+
+/// Counts requests and delegates.
+pub struct Counted<H> {
+    pub hits: Arc<AtomicU64>,
+    pub inner: H,
+}
+
+pub fn counted<H>(inner: H) -> (Counted<H>, Arc<AtomicU64>) {
+    let hits = Arc::new(AtomicU64::new(0));
+    (
+        Counted {
+            hits: hits.clone(),
+            inner,
+        },
+        hits,
+    )
+}
+
+impl<H: Handler> Handler for Counted<H> {
+    async fn handle(&self, r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.inner.handle(r).await
+    }
+}
+
+/// Appends a tag to the text, so the test sees which extension ran, in what order.
+pub struct Tag(pub &'static str);
+
+impl Handler for Tag {
+    async fn handle(&self, r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        let mut m = r.payload;
+        m.payload = format!("{}+{}", m.payload, self.0);
+        let mut out = Response::transform(m);
+        if let Response::Transform { metadata, .. } = &mut out {
+            metadata.insert(format!("seen_{}", self.0), json!(true));
+        }
+        Ok(out)
+    }
+}
+
+/// Sleeps, then answers unchanged.
+pub struct Slow(pub Duration);
+
+impl Handler for Slow {
+    async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        tokio::time::sleep(self.0).await;
+        Ok(Response::unchanged())
+    }
+}
+
+/// Always fails with an error reply.
+pub struct Fail;
+
+impl Handler for Fail {
+    async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        Err(ExtensionError::new("boom", "deliberate failure"))
+    }
+}
+
+/// Times out (sleeps past any timeout) the first `n` times, then answers.
+pub struct SlowFirst {
+    pub n: u64,
+    pub seen: AtomicU64,
+}
+
+impl Handler for SlowFirst {
+    async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        if self.seen.fetch_add(1, Ordering::Relaxed) < self.n {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        Ok(Response::unchanged())
+    }
+}
+
+/// Validator with a fixed verdict.
+pub struct Verdict(pub bool);
+
+impl Handler for Verdict {
+    async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        Ok(if self.0 {
+            Response::Ok
+        } else {
+            Response::reject("nope", json!({"why": "test"}))
+        })
+    }
+}
+
+/// Provider answering with its own name.
+pub struct Provider(pub &'static str);
+
+impl Handler for Provider {
+    async fn handle(&self, r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        Ok(Response::Provider {
+            provider_id: self.0.into(),
+            output: Value::String(format!("{} says {}", self.0, r.payload.payload)),
+            usage: Default::default(),
+            metadata: Map::new(),
+        })
+    }
+}
+
+/// Answers raw bytes (garbage, oversized) by talking NATS directly.
+pub async fn serve_raw(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Vec<u8>,
+) -> tokio::task::JoinHandle<()> {
+    use futures::StreamExt;
+    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
+    client.flush().await.unwrap();
+    let client = client.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = client.publish(reply, body.clone().into()).await;
+            }
+        }
+    })
+}
+
+pub fn ext(id: &str, t: &str, timeout_ms: u64, retry: u64) -> Value {
+    json!({"id": id, "type": t, "subject": format!("{{p}}.{id}"), "timeout_ms": timeout_ms, "retry": retry})
+}

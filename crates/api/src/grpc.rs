@@ -12,11 +12,11 @@ use crate::router_service::RouterService;
 pub async fn serve(
     listener: TcpListener,
     router: RouterService,
-    health: tonic_health::server::HealthReporter,
-    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let _ = &health;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -39,4 +39,29 @@ pub async fn serve(
         .add_service(proto::router_server::RouterServer::new(router))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
+}
+
+/// Keeps `grpc.health.v1` in step with readiness (the registry has loaded): the
+/// overall status ("") and `beamline.flow.v1.Router` are SERVING only while ready.
+pub async fn follow_readiness(
+    reporter: tonic_health::server::HealthReporter,
+    ready: impl Fn() -> bool,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let mut last = None;
+    loop {
+        let now = ready();
+        if last != Some(now) {
+            let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status("beamline.flow.v1.Router", status).await;
+            last = Some(now);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+        }
+    }
+    reporter.set_service_status("", ServingStatus::NotServing).await;
 }

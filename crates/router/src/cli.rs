@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Configuration file (TOML); without it the router runs on its built-in fixtures.
     #[arg(long, env = "BEAMLINE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Also run the reference extensions (normalize_text, pii_guard, mask_pii,
+    /// test_provider) in-process against the same NATS: a working pipeline in one command.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 #[derive(Debug, Args)]

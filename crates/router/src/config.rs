@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use beamline_model::{Limits, Secret, SecretUrl, ValidationError};
+use beamline_pipeline::{BreakerConfig, PipelineConfig};
 use beamline_registry::{RegistryConfig, SourceMode};
 use serde::{Deserialize, Serialize};
 
@@ -26,8 +27,10 @@ pub struct Config {
     pub http: HttpConfig,
     /// Admin API keys and their roles.
     pub admin: AdminConfig,
-    /// Circuit breaker defaults (a policy may override them).
+    /// Circuit breaker tuning.
     pub circuit_breaker: BreakerConfig,
+    /// Request budget, retries and reply limits of the pipeline.
+    pub pipeline: PipelineConfig,
     /// Size, depth and range limits (REFERENCE.md §6).
     pub limits: Limits,
     /// Log format and level.
@@ -106,39 +109,6 @@ pub struct ApiKeyConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub api_keys: Vec<ApiKeyConfig>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BreakerConfig {
-    /// Whether breakers are used at all.
-    pub enabled: bool,
-    /// Consecutive failures that open the breaker.
-    pub failure_threshold: u32,
-    /// Error rate over the window that opens the breaker (0 < x ≤ 1).
-    pub error_rate_threshold: f64,
-    /// Calls the window must hold before the error rate counts.
-    pub min_calls: u32,
-    /// Length of the sliding window, seconds.
-    pub window_seconds: u64,
-    /// How long the breaker stays open before probing, seconds.
-    pub timeout_seconds: u64,
-    /// Probes allowed while half-open.
-    pub half_open_max_requests: u32,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            failure_threshold: 5,
-            error_rate_threshold: 0.5,
-            min_calls: 20,
-            window_seconds: 60,
-            timeout_seconds: 60,
-            half_open_max_requests: 3,
-        }
-    }
 }
 
 /// Log output.
@@ -272,25 +242,24 @@ impl Config {
                 ),
             ));
         }
-        let b = &self.circuit_breaker;
-        if b.failure_threshold == 0 {
+        self.circuit_breaker
+            .validate()
+            .map_err(|(k, m)| (format!("circuit_breaker.{k}"), m))?;
+        let p = &self.pipeline;
+        if !(1..=600_000).contains(&p.default_request_timeout_ms) {
             return Err((
-                "circuit_breaker.failure_threshold".into(),
-                "must be at least 1".into(),
+                "pipeline.default_request_timeout_ms".into(),
+                format!("{} is out of range 1..=600000", p.default_request_timeout_ms),
             ));
         }
-        if !(b.error_rate_threshold > 0.0 && b.error_rate_threshold <= 1.0) {
+        if p.invoker.retry_backoff_base_ms > p.invoker.retry_backoff_max_ms {
             return Err((
-                "circuit_breaker.error_rate_threshold".into(),
-                format!("{} is out of range (0, 1]", b.error_rate_threshold),
+                "pipeline.retry_backoff_base_ms".into(),
+                "must not exceed retry_backoff_max_ms".into(),
             ));
         }
-        if b.window_seconds == 0 || b.timeout_seconds == 0 || b.half_open_max_requests == 0 {
-            return Err((
-                "circuit_breaker".into(),
-                "window_seconds, timeout_seconds and half_open_max_requests must be at least 1"
-                    .into(),
-            ));
+        if p.invoker.max_reply_bytes == 0 {
+            return Err(("pipeline.max_reply_bytes".into(), "must be greater than 0".into()));
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, k) in self.admin.api_keys.iter().enumerate() {

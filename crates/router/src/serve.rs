@@ -1,14 +1,25 @@
 //! `beamline-router serve`: load the configuration, start the registry and its sync
-//! task, run until SIGINT or SIGTERM, stop cleanly.
+//! task, connect to NATS, build the pipeline, serve gRPC and the NATS intake, run
+//! until SIGINT or SIGTERM, stop cleanly (intake first, then in-flight work).
+
+use std::time::Duration;
 
 use anyhow::Context;
+use beamline_api::router_service::RouterService;
+use beamline_pipeline::Pipeline;
 use beamline_registry::{Registry, SourceMode};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
 use crate::config::Config;
 
+/// Requests the NATS intake handles at once.
+const INTAKE_MAX_IN_FLIGHT: usize = 4096;
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Signal handlers first: a signal that arrives while we start must stop us
+    // cleanly, not kill the process with the default action.
+    let signals = Signals::install()?;
     let config = Config::load(args.config.as_deref())?;
     crate::logging::init(&config.log);
     let shutdown = CancellationToken::new();
@@ -24,32 +35,128 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let sync = registry.spawn_sync(shutdown.clone());
+
+    // NATS may be down at start: the client keeps connecting in the background and
+    // extension calls fail fast (extension_unavailable) until it is up.
+    let nats = async_nats::ConnectOptions::new()
+        .name("beamline-router")
+        .retry_on_initial_connect()
+        .connect(config.nats.url.expose())
+        .await
+        .with_context(|| format!("cannot use NATS at {}", config.nats.url.redacted()))?;
+
+    let pipeline = Pipeline::new(
+        registry.clone(),
+        nats.clone(),
+        config.pipeline.clone(),
+        config.circuit_breaker.clone(),
+        config.limits.clone(),
+    );
+
+    let mut tasks = Vec::new();
+    if args.demo {
+        let demo = beamline_sdk::reference::spawn_all(nats.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start the demo extensions: {e}"))?;
+        tracing::info!("demo extensions serving: normalize_text, pii_guard, mask_pii, test_provider");
+        tasks.extend(demo);
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.grpc.listen)
+        .await
+        .with_context(|| format!("cannot listen on grpc.listen {}", config.grpc.listen))?;
+    let grpc_addr = listener.local_addr()?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let readiness = {
+        let registry = registry.clone();
+        tokio::spawn(beamline_api::grpc::follow_readiness(
+            reporter,
+            move || registry.is_loaded(),
+            shutdown.clone(),
+        ))
+    };
+    let grpc = tokio::spawn(beamline_api::grpc::serve(
+        listener,
+        RouterService::new(pipeline.clone()),
+        health_service,
+        shutdown.clone(),
+    ));
+    let intake = tokio::spawn(beamline_api::nats_intake::serve(
+        pipeline.clone(),
+        nats.clone(),
+        INTAKE_MAX_IN_FLIGHT,
+        shutdown.clone(),
+    ));
+
     let status = registry.status();
     tracing::info!(
         source = %status.source,
         active_source = status.active_source.as_str(),
         extensions = status.size,
         policies = status.counts.policies,
+        grpc = %grpc_addr,
+        nats = %config.nats.url.redacted(),
+        demo = args.demo,
         config = %serde_json::to_string(&status.config).unwrap_or_default(),
         "beamline-router started"
     );
-    wait_for_signal().await?;
-    tracing::info!("shutdown requested; stopping");
+
+    tokio::select! {
+        () = signals.wait() => {}
+        r = grpc_failed(&grpc) => anyhow::bail!("gRPC server stopped: {r}"),
+    }
+    tracing::info!("shutdown requested; stopping intake and draining in-flight requests");
     shutdown.cancel();
-    if let Err(e) = sync.await {
-        tracing::warn!(error = %e, "registry sync task ended abnormally");
+    let drain = async {
+        let _ = intake.await;
+        let _ = grpc.await;
+        let _ = readiness.await;
+        let _ = sync.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(30), drain).await.is_err() {
+        tracing::warn!("in-flight work did not finish within 30 s; stopping anyway");
+    }
+    for t in tasks {
+        t.abort();
+    }
+    if let Err(e) = nats.flush().await {
+        tracing::debug!(error = %e, "final NATS flush failed");
     }
     tracing::info!("beamline-router stopped");
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// Resolves only if the gRPC task ends on its own (bind lost, fatal error).
+async fn grpc_failed(
+    task: &tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) -> String {
+    loop {
+        if task.is_finished() {
+            return "the server task ended".to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(())
+}
+
+/// SIGTERM and SIGINT, listened for from the start.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

@@ -16,6 +16,10 @@ fn bin() -> Command {
             c.env_remove(k);
         }
     }
+    // No fixed ports in tests; the test NATS.
+    c.env("BEAMLINE_GRPC_LISTEN", "127.0.0.1:0")
+        .env("BEAMLINE_HTTP_LISTEN", "127.0.0.1:0")
+        .env("BEAMLINE_NATS_URL", beamline_test_support::nats_url());
     c
 }
 

@@ -53,9 +53,15 @@ pub async fn follow_readiness(
     loop {
         let now = ready();
         if last != Some(now) {
-            let status = if now { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if now {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             reporter.set_service_status("", status).await;
-            reporter.set_service_status("beamline.flow.v1.Router", status).await;
+            reporter
+                .set_service_status("beamline.flow.v1.Router", status)
+                .await;
             last = Some(now);
         }
         tokio::select! {
@@ -63,5 +69,7 @@ pub async fn follow_readiness(
             _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
         }
     }
-    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
 }

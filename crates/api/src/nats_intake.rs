@@ -29,7 +29,8 @@ fn error_reply(code: ErrorCode, message: &str, details: Value, context: &Value) 
 
 /// Parses the JSON contract into a pipeline request; the error names the field.
 pub fn parse_request(body: &[u8]) -> Result<(DecideRequest, Value), (String, Value)> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| (format!("request is not JSON: {e}"), Value::Null))?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| (format!("request is not JSON: {e}"), Value::Null))?;
     let Value::Object(obj) = v else {
         return Err(("request must be a JSON object".into(), Value::Null));
     };
@@ -40,12 +41,25 @@ pub fn parse_request(body: &[u8]) -> Result<(DecideRequest, Value), (String, Val
         && version != &json!("1")
         && version != &json!(1)
     {
-        return Err(fail(format!("unsupported version {version}; expected \"1\"")));
+        return Err(fail(format!(
+            "unsupported version {version}; expected \"1\""
+        )));
     }
-    let request_id = get_str("request_id").filter(|s| !s.is_empty()).ok_or_else(|| fail("request_id is required".into()))?;
-    let tenant_id = get_str("tenant_id").filter(|s| !s.is_empty()).ok_or_else(|| fail("tenant_id is required".into()))?;
-    let task = obj.get("task").and_then(Value::as_object).ok_or_else(|| fail("task is required (an object with type and payload)".into()))?;
-    let task_type = task.get("type").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| fail("task.type is required".into()))?;
+    let request_id = get_str("request_id")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| fail("request_id is required".into()))?;
+    let tenant_id = get_str("tenant_id")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| fail("tenant_id is required".into()))?;
+    let task = obj
+        .get("task")
+        .and_then(Value::as_object)
+        .ok_or_else(|| fail("task is required (an object with type and payload)".into()))?;
+    let task_type = task
+        .get("type")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| fail("task.type is required".into()))?;
     let payload = match task.get("payload") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => return Err(fail("task.payload is required".into())),
@@ -59,7 +73,11 @@ pub fn parse_request(body: &[u8]) -> Result<(DecideRequest, Value), (String, Val
             Some(_) => return Err(fail(format!("{key} must be an object"))),
         }
     }
-    let metadata = obj.get("metadata").and_then(Value::as_object).cloned().unwrap_or_default();
+    let metadata = obj
+        .get("metadata")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     let trace_id = get_str("trace_id").unwrap_or_else(|| request_id.clone());
     Ok((
         DecideRequest {
@@ -99,7 +117,8 @@ pub fn reply(result: Result<Decision, DecideError>, context: &Value) -> Value {
         }),
         Err(e) => {
             let mut details = Value::Object(e.details.clone());
-            details["executed_extensions"] = serde_json::to_value(&e.executed_extensions).unwrap_or(Value::Null);
+            details["executed_extensions"] =
+                serde_json::to_value(&e.executed_extensions).unwrap_or(Value::Null);
             error_reply(e.code, &e.message, details, context)
         }
     }
@@ -110,21 +129,33 @@ pub async fn handle(pipeline: &Pipeline, body: &[u8]) -> Value {
     if body.len() > MAX_REQUEST_BYTES {
         return error_reply(
             ErrorCode::InvalidRequest,
-            &format!("request is {} bytes, the intake accepts {MAX_REQUEST_BYTES}", body.len()),
+            &format!(
+                "request is {} bytes, the intake accepts {MAX_REQUEST_BYTES}",
+                body.len()
+            ),
             Value::Null,
             &Value::Null,
         );
     }
     match parse_request(body) {
-        Err((message, context)) => error_reply(ErrorCode::InvalidRequest, &message, Value::Null, &context),
+        Err((message, context)) => {
+            error_reply(ErrorCode::InvalidRequest, &message, Value::Null, &context)
+        }
         Ok((request, context)) => reply(pipeline.decide(request).await, &context),
     }
 }
 
 /// Serves the intake until `shutdown`; then stops taking requests and lets the ones
 /// in flight finish.
-pub async fn serve(pipeline: Pipeline, client: async_nats::Client, max_in_flight: usize, shutdown: CancellationToken) -> Result<(), async_nats::Error> {
-    let mut sub = client.queue_subscribe(DECIDE_SUBJECT.to_string(), QUEUE_GROUP.to_string()).await?;
+pub async fn serve(
+    pipeline: Pipeline,
+    client: async_nats::Client,
+    max_in_flight: usize,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let mut sub = client
+        .queue_subscribe(DECIDE_SUBJECT.to_string(), QUEUE_GROUP.to_string())
+        .await?;
     client.flush().await?;
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
     loop {
@@ -132,8 +163,12 @@ pub async fn serve(pipeline: Pipeline, client: async_nats::Client, max_in_flight
             _ = shutdown.cancelled() => break,
             m = sub.next() => match m { Some(m) => m, None => break },
         };
-        let Some(reply_to) = msg.reply.clone() else { continue };
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         let (pipeline, client) = (pipeline.clone(), client.clone());
         tokio::spawn(async move {
             let _permit = permit;

@@ -55,9 +55,17 @@ fn invalid(message: impl Into<String>) -> Status {
 /// Converts the wire request; the payload must be UTF-8 text.
 pub fn decide_request(req: proto::RouteRequest) -> Result<DecideRequest, Status> {
     let m = req.message.ok_or_else(|| invalid("message is required"))?;
-    let payload = String::from_utf8(m.payload)
-        .map_err(|e| invalid(format!("message.payload must be UTF-8 text (invalid byte at {})", e.utf8_error().valid_up_to())))?;
-    let context: Map<String, Value> = req.context.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+    let payload = String::from_utf8(m.payload).map_err(|e| {
+        invalid(format!(
+            "message.payload must be UTF-8 text (invalid byte at {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    let context: Map<String, Value> = req
+        .context
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
     let request_id = context
         .get("request_id")
         .and_then(Value::as_str)
@@ -71,7 +79,11 @@ pub fn decide_request(req: proto::RouteRequest) -> Result<DecideRequest, Status>
             trace_id: m.trace_id,
             message_type: m.message_type,
             payload,
-            metadata: m.metadata.into_iter().map(|(k, v)| (k, Value::String(v))).collect(),
+            metadata: m
+                .metadata
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect(),
         },
         policy_id: req.policy_id,
         context,
@@ -80,7 +92,15 @@ pub fn decide_request(req: proto::RouteRequest) -> Result<DecideRequest, Status>
 
 fn string_map(map: &Map<String, Value>) -> std::collections::HashMap<String, String> {
     map.iter()
-        .map(|(k, v)| (k.clone(), match v { Value::String(s) => s.clone(), other => other.to_string() }))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+            )
+        })
         .collect()
 }
 
@@ -133,7 +153,10 @@ fn chrono_now_ms() -> i64 {
 
 #[tonic::async_trait]
 impl Router for RouterService {
-    async fn decide(&self, request: Request<proto::RouteRequest>) -> Result<Response<proto::RouteDecision>, Status> {
+    async fn decide(
+        &self,
+        request: Request<proto::RouteRequest>,
+    ) -> Result<Response<proto::RouteDecision>, Status> {
         let req = decide_request(request.into_inner())?;
         match self.pipeline.decide(req).await {
             Ok(d) => Ok(Response::new(route_decision(d))),

@@ -137,6 +137,37 @@ impl Limits {
         Ok(())
     }
 
+    /// [`Limits::check_json_shape`] for an object held as a map (no copy needed).
+    pub fn check_map_shape(
+        &self,
+        map: &serde_json::Map<String, Value>,
+    ) -> Result<(), ValidationError> {
+        if map.len() > self.max_json_object_keys {
+            return Err(ValidationError::new(
+                "",
+                format!(
+                    "an object has {} keys, more than the limit of {}",
+                    map.len(),
+                    self.max_json_object_keys
+                ),
+            )
+            .with_code("payload_too_large"));
+        }
+        if self.max_json_depth < 2 && map.values().any(|v| v.is_object() || v.is_array()) {
+            return Err(too_deep(self.max_json_depth));
+        }
+        let nested = Limits {
+            max_json_depth: self.max_json_depth.saturating_sub(1),
+            ..self.clone()
+        };
+        for v in map.values() {
+            if v.is_object() || v.is_array() {
+                nested.check_json_shape(v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A record's `config` or `metadata`: a JSON object within the shape limits and
     /// at most `max_metadata_bytes` when serialised.
     pub fn check_record_object(&self, field: &str, value: &Value) -> Result<(), ValidationError> {
@@ -167,6 +198,25 @@ impl Limits {
 fn too_deep(limit: usize) -> ValidationError {
     ValidationError::new("", format!("nesting is deeper than the limit of {limit}"))
         .with_code("payload_too_large")
+}
+
+/// Bytes `value` takes when serialised as JSON, counted without building the text.
+pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    match serde_json::to_writer(&mut c, value) {
+        Ok(()) => c.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// The JSON kind of a value, for error messages.
@@ -221,6 +271,28 @@ mod tests {
         assert!(limits.check_json_shape(&long).is_err());
         let ok = Value::Array(vec![json!(0); 1000]);
         assert!(limits.check_json_shape(&ok).is_ok());
+    }
+
+    #[test]
+    fn map_shape_matches_value_shape() {
+        let limits = Limits::default();
+        let mut v = json!(1);
+        for _ in 0..limits.max_json_depth - 1 {
+            v = json!([v]);
+        }
+        let ok = json!({ "a": v.clone() });
+        assert!(limits.check_map_shape(ok.as_object().unwrap()).is_ok());
+        assert!(limits.check_json_shape(&ok).is_ok());
+        let deep = json!({ "a": [v] });
+        assert!(limits.check_map_shape(deep.as_object().unwrap()).is_err());
+        assert!(limits.check_json_shape(&deep).is_err());
+    }
+
+    /// Bytes `value` takes as JSON, without building the text.
+    #[test]
+    fn json_len_counts_bytes() {
+        let v = json!({"a": [1, 2, "x"]});
+        assert_eq!(json_len(&v), serde_json::to_vec(&v).unwrap().len());
     }
 
     #[test]

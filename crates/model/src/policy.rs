@@ -47,6 +47,62 @@ pub struct PolicyDocument {
     pub fallbacks: Vec<FallbackSpec>,
     #[serde(default)]
     pub metadata: Map<String, Value>,
+    /// Circuit breaker settings for this policy's calls, overriding `[circuit_breaker]`
+    /// key by key. A policy with overrides gets breakers of its own, so a strict
+    /// policy never trips (or is tripped by) the breakers other policies share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<BreakerOverrides>,
+}
+
+/// Per-policy circuit breaker overrides; every field is optional.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate_threshold: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_calls: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half_open_max_requests: Option<u32>,
+}
+
+impl BreakerOverrides {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let at_least_one = |name: &str, v: Option<u64>| match v {
+            Some(0) => Err(ValidationError::new(name, "must be at least 1")),
+            _ => Ok(()),
+        };
+        at_least_one("failure_threshold", self.failure_threshold.map(u64::from))?;
+        at_least_one("timeout_seconds", self.timeout_seconds)?;
+        at_least_one(
+            "half_open_max_requests",
+            self.half_open_max_requests.map(u64::from),
+        )?;
+        at_least_one("window_seconds", self.window_seconds)?;
+        if self.window_seconds.is_some_and(|w| w > 3600) {
+            return Err(ValidationError::new(
+                "window_seconds",
+                "must be at most 3600",
+            ));
+        }
+        if let Some(r) = self.error_rate_threshold
+            && !(r > 0.0 && r <= 1.0)
+        {
+            return Err(ValidationError::new(
+                "error_rate_threshold",
+                format!("{r} is out of range (0, 1]"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_policy_version() -> String {
@@ -353,6 +409,9 @@ impl Policy {
                 ),
             ));
         }
+        if let Some(b) = &document.circuit_breaker {
+            b.validate().map_err(|e| e.within("circuit_breaker"))?;
+        }
         let metadata = Value::Object(document.metadata.clone());
         limits.check_record_object("metadata", &metadata)?;
         Ok(Policy {
@@ -646,6 +705,26 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         assert_eq!(policy(v).unwrap_err().code, Some("pipeline_too_deep"));
+    }
+
+    #[test]
+    fn breaker_overrides_are_checked() {
+        let mut v = sample();
+        v["circuit_breaker"] = json!({"failure_threshold": 2, "timeout_seconds": 5});
+        let p = policy(v).unwrap();
+        assert_eq!(
+            p.document.circuit_breaker.unwrap().failure_threshold,
+            Some(2)
+        );
+        let mut v = sample();
+        v["circuit_breaker"] = json!({"error_rate_threshold": 1.5});
+        assert_eq!(
+            policy(v).unwrap_err().field,
+            "circuit_breaker.error_rate_threshold"
+        );
+        let mut v = sample();
+        v["circuit_breaker"] = json!({"failure_treshold": 2});
+        assert!(policy(v).is_err());
     }
 
     #[test]

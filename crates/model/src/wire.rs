@@ -58,6 +58,17 @@ pub struct ExtensionRequest {
     pub config: Map<String, Value>,
 }
 
+/// [`ExtensionRequest`] by reference, for the router to serialise without cloning
+/// the message and context for every step. Same JSON.
+#[derive(Debug, Serialize)]
+pub struct ExtensionRequestRef<'a> {
+    pub trace_id: &'a str,
+    pub tenant_id: &'a str,
+    pub payload: &'a Message,
+    pub metadata: &'a Map<String, Value>,
+    pub config: &'a Map<String, Value>,
+}
+
 /// A validator's verdict.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -399,6 +410,31 @@ mod tests {
         assert_eq!(
             (p.provider_id.as_str(), p.usage.completion_tokens),
             ("p", 5)
+        );
+    }
+
+    #[test]
+    fn borrowed_request_serialises_like_the_owned_one() {
+        let r = ExtensionRequest {
+            trace_id: "t".into(),
+            tenant_id: "acme".into(),
+            payload: Message {
+                payload: "hello".into(),
+                ..Default::default()
+            },
+            metadata: [("k".to_string(), json!(1))].into_iter().collect(),
+            config: Map::new(),
+        };
+        let by_ref = ExtensionRequestRef {
+            trace_id: &r.trace_id,
+            tenant_id: &r.tenant_id,
+            payload: &r.payload,
+            metadata: &r.metadata,
+            config: &r.config,
+        };
+        assert_eq!(
+            serde_json::to_value(&by_ref).unwrap(),
+            serde_json::to_value(&r).unwrap()
         );
     }
 

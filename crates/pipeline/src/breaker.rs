@@ -52,6 +52,21 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
+    /// This configuration with a policy's overrides applied.
+    pub fn with_overrides(&self, o: &beamline_model::policy::BreakerOverrides) -> BreakerConfig {
+        BreakerConfig {
+            enabled: o.enabled.unwrap_or(self.enabled),
+            failure_threshold: o.failure_threshold.unwrap_or(self.failure_threshold),
+            error_rate_threshold: o.error_rate_threshold.unwrap_or(self.error_rate_threshold),
+            min_calls: o.min_calls.unwrap_or(self.min_calls),
+            window_seconds: o.window_seconds.unwrap_or(self.window_seconds),
+            timeout_seconds: o.timeout_seconds.unwrap_or(self.timeout_seconds),
+            half_open_max_requests: o
+                .half_open_max_requests
+                .unwrap_or(self.half_open_max_requests),
+        }
+    }
+
     /// Checks the values; the error names the key.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.failure_threshold == 0 {

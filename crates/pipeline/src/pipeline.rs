@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beamline_model::policy::{Mode, OnFail, Policy, When};
-use beamline_model::wire::{ExtensionRequest, Message, ProviderOutput, Reply, Verdict};
+use beamline_model::wire::{ExtensionRequestRef, Message, ProviderOutput, Reply, Verdict};
 use beamline_model::{ErrorCode, ExtensionType, Limits};
 use beamline_registry::{Registry, Snapshot};
 use serde::{Deserialize, Serialize};
@@ -317,6 +317,7 @@ impl Pipeline {
             self.check_deadline(deadline, "pre")?;
             self.transform_step(
                 snapshot,
+                &policy,
                 ExtensionType::Pre,
                 &step.id,
                 step.mode,
@@ -333,8 +334,10 @@ impl Pipeline {
         // validators
         for step in &policy.validators {
             self.check_deadline(deadline, "validators")?;
-            self.validator_step(snapshot, step, &ctx, &message, deadline, dry_run, executed)
-                .await?;
+            self.validator_step(
+                snapshot, &policy, step, &ctx, &message, deadline, dry_run, executed,
+            )
+            .await?;
         }
         // provider
         self.check_deadline(deadline, "provider")?;
@@ -348,6 +351,7 @@ impl Pipeline {
             self.check_deadline(deadline, "post")?;
             self.transform_step(
                 snapshot,
+                &policy,
                 ExtensionType::Post,
                 &step.id,
                 step.mode,
@@ -421,10 +425,8 @@ impl Pipeline {
             )
             .detail("limit", "max_payload_bytes"));
         }
-        let meta = serde_json::to_vec(&message.metadata)
-            .map(|v| v.len())
-            .unwrap_or(0)
-            + serde_json::to_vec(context).map(|v| v.len()).unwrap_or(0);
+        let meta = beamline_model::limits::json_len(&message.metadata)
+            .saturating_add(beamline_model::limits::json_len(context));
         if meta > l.max_metadata_bytes {
             return Err(DecideError::new(
                 ErrorCode::InvalidRequest,
@@ -435,11 +437,11 @@ impl Pipeline {
             )
             .detail("limit", "max_metadata_bytes"));
         }
-        for (what, v) in [
-            ("message.metadata", Value::Object(message.metadata.clone())),
-            ("context", Value::Object(context.clone())),
+        for (what, map) in [
+            ("message.metadata", &message.metadata),
+            ("context", context),
         ] {
-            l.check_json_shape(&v).map_err(|e| {
+            l.check_map_shape(map).map_err(|e| {
                 DecideError::new(ErrorCode::InvalidRequest, format!("{what}: {}", e.reason))
                     .detail("limit", "json_shape")
             })?;
@@ -463,6 +465,7 @@ impl Pipeline {
     async fn invoke(
         &self,
         snapshot: &Snapshot,
+        policy: &Policy,
         expected: ExtensionType,
         id: &str,
         config: &Map<String, Value>,
@@ -498,17 +501,24 @@ impl Pipeline {
                 message: format!("tenant '{tenant}' is not in the extension's allowed_tenants"),
             });
         }
-        let body = ExtensionRequest {
-            trace_id: message.trace_id.clone(),
-            tenant_id: message.tenant_id.clone(),
-            payload: message.clone(),
-            metadata: ctx.clone(),
-            // The extension's own config (registry), overridden key by key by the step's.
-            config: {
-                let mut merged = resolved.config.clone();
-                merged.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
-                merged
-            },
+        // The extension's own config (registry), overridden key by key by the step's.
+        let merged;
+        let config = if config.is_empty() {
+            &resolved.config
+        } else if resolved.config.is_empty() {
+            config
+        } else {
+            let mut m = resolved.config.clone();
+            m.extend(config.iter().map(|(k, v)| (k.clone(), v.clone())));
+            merged = m;
+            &merged
+        };
+        let body = ExtensionRequestRef {
+            trace_id: &message.trace_id,
+            tenant_id: &message.tenant_id,
+            payload: message,
+            metadata: ctx,
+            config,
         };
         let body = match serde_json::to_vec(&body) {
             Ok(b) => bytes::Bytes::from(b),
@@ -533,8 +543,9 @@ impl Pipeline {
         }
 
         let rt = self.inner.runtime.extension(id);
+        let breaker = self.inner.runtime.breaker_for(policy, id);
         let now = self.inner.runtime.now();
-        let (permit, transition) = match rt.breaker.try_acquire(now) {
+        let (permit, transition) = match breaker.try_acquire(now) {
             Ok(p) => p,
             Err(_) => {
                 let mut run = fail(InvokeError::CircuitOpen);
@@ -681,6 +692,7 @@ impl Pipeline {
     async fn transform_step(
         &self,
         snapshot: &Snapshot,
+        policy: &Policy,
         ext_type: ExtensionType,
         id: &str,
         mode: Mode,
@@ -706,7 +718,9 @@ impl Pipeline {
             return Ok(());
         }
         let run = self
-            .invoke(snapshot, ext_type, id, config, ctx, message, deadline)
+            .invoke(
+                snapshot, policy, ext_type, id, config, ctx, message, deadline,
+            )
             .await;
         let applied = match &run.outcome {
             Ok(Reply::Transform {
@@ -755,6 +769,7 @@ impl Pipeline {
     async fn validator_step(
         &self,
         snapshot: &Snapshot,
+        policy: &Policy,
         step: &beamline_model::policy::Validator,
         ctx: &Map<String, Value>,
         message: &Message,
@@ -778,6 +793,7 @@ impl Pipeline {
         let run = self
             .invoke(
                 snapshot,
+                policy,
                 ExtensionType::Validator,
                 &step.id,
                 &step.config,
@@ -938,6 +954,7 @@ impl Pipeline {
             let run = self
                 .invoke(
                     snapshot,
+                    policy,
                     ExtensionType::Provider,
                     ext,
                     &Map::new(),

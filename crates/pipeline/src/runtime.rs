@@ -106,6 +106,7 @@ pub struct RuntimeTable {
     clock_offset_ms: std::sync::atomic::AtomicU64,
     extensions: CowMap<ExtensionRuntime>,
     instance_breakers: CowMap<Breaker>,
+    policy_breakers: CowMap<Breaker>,
     breaker_config: BreakerConfig,
     health_window: Duration,
 }
@@ -117,6 +118,7 @@ impl RuntimeTable {
             clock_offset_ms: std::sync::atomic::AtomicU64::new(0),
             extensions: CowMap::default(),
             instance_breakers: CowMap::default(),
+            policy_breakers: CowMap::default(),
             breaker_config,
             health_window,
         }
@@ -160,6 +162,25 @@ impl RuntimeTable {
         let key = format!("{extension_id}\u{1f}{instance_id}");
         self.instance_breakers
             .get_or_insert_with(&key, || Breaker::build(self.breaker_config.clone()))
+    }
+
+    /// The breaker guarding `extension_id` for calls made under `policy`: the
+    /// extension's own, or — when the policy overrides breaker settings — one shared
+    /// only by that policy's calls (keyed by the settings, so an edited policy starts
+    /// with a fresh breaker).
+    pub fn breaker_for(&self, policy: &beamline_model::Policy, extension_id: &str) -> Arc<Breaker> {
+        match &policy.document.circuit_breaker {
+            None => self.extension(extension_id).breaker.clone(),
+            Some(overrides) => {
+                let config = self.breaker_config.with_overrides(overrides);
+                let key = format!(
+                    "{}\u{1f}{}\u{1f}{extension_id}\u{1f}{config:?}",
+                    policy.tenant_id, policy.policy_id
+                );
+                self.policy_breakers
+                    .get_or_insert_with(&key, || Breaker::build(config))
+            }
+        }
     }
 
     /// Health of one extension (an extension never called reports empty health).

@@ -164,3 +164,57 @@ async fn health_summary_counts_states() {
     let s = rt.summary(["good", "bad"].into_iter(), rt.now());
     assert_eq!(s.half_open, 1);
 }
+
+#[tokio::test]
+async fn a_policy_can_override_breaker_settings_with_breakers_of_its_own() {
+    let mut h = Harness::new(
+        json!([ext("s", "pre", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "s", "mode": "optional"}],
+               "circuit_breaker": {"failure_threshold": 2, "timeout_seconds": 5}}),
+    )
+    .await;
+    // A second policy of the same tenant with the global settings.
+    std::fs::write(
+        h.dir.path().join("policies/acme/lenient.json"),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "s", "mode": "optional"}]}).to_string(),
+    )
+    .unwrap();
+    h.pipeline.registry().reload().await.unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    h.serve(
+        "s",
+        Switch {
+            broken: Arc::new(AtomicBool::new(true)),
+            hits: hits.clone(),
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        h.pipeline.decide(h.request("x")).await.unwrap();
+    }
+    assert_eq!(hits.load(Ordering::Relaxed), 2);
+    // The strict policy's breaker opened after 2 failures…
+    let d = h.pipeline.decide(h.request("x")).await.unwrap();
+    assert!(
+        d.executed_extensions[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("circuit breaker"),
+        "{d:?}"
+    );
+    assert_eq!(hits.load(Ordering::Relaxed), 2);
+    // …while the lenient policy still calls the extension (global threshold 5).
+    let mut r = h.request("x");
+    r.policy_id = "lenient".into();
+    h.pipeline.decide(r).await.unwrap();
+    assert_eq!(hits.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        h.pipeline.runtime().extension("s").breaker.state(),
+        BreakerState::Closed
+    );
+    // The strict one probes again after its own 5 s timeout.
+    h.pipeline.runtime().advance_clock(Duration::from_secs(6));
+    h.pipeline.decide(h.request("x")).await.unwrap();
+    assert_eq!(hits.load(Ordering::Relaxed), 4);
+}

@@ -249,7 +249,10 @@ impl Config {
         if !(1..=600_000).contains(&p.default_request_timeout_ms) {
             return Err((
                 "pipeline.default_request_timeout_ms".into(),
-                format!("{} is out of range 1..=600000", p.default_request_timeout_ms),
+                format!(
+                    "{} is out of range 1..=600000",
+                    p.default_request_timeout_ms
+                ),
             ));
         }
         if p.invoker.retry_backoff_base_ms > p.invoker.retry_backoff_max_ms {
@@ -259,7 +262,10 @@ impl Config {
             ));
         }
         if p.invoker.max_reply_bytes == 0 {
-            return Err(("pipeline.max_reply_bytes".into(), "must be greater than 0".into()));
+            return Err((
+                "pipeline.max_reply_bytes".into(),
+                "must be greater than 0".into(),
+            ));
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, k) in self.admin.api_keys.iter().enumerate() {

@@ -58,7 +58,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let demo = beamline_sdk::reference::spawn_all(nats.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot start the demo extensions: {e}"))?;
-        tracing::info!("demo extensions serving: normalize_text, pii_guard, mask_pii, test_provider");
+        tracing::info!(
+            "demo extensions serving: normalize_text, pii_guard, mask_pii, test_provider"
+        );
         tasks.extend(demo);
     }
 
@@ -113,7 +115,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let _ = readiness.await;
         let _ = sync.await;
     };
-    if tokio::time::timeout(Duration::from_secs(30), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight work did not finish within 30 s; stopping anyway");
     }
     for t in tasks {

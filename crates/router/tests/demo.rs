@@ -29,7 +29,7 @@ fn start(nats: &NatsServer) -> Router {
             cmd.env_remove(k);
         }
     }
-    let mut child = cmd
+    let child = cmd
         .args(["serve", "--demo"])
         .env("BEAMLINE_GRPC_LISTEN", "127.0.0.1:0")
         .env("BEAMLINE_NATS_URL", nats.url())
@@ -38,7 +38,12 @@ fn start(nats: &NatsServer) -> Router {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let stderr = child.stderr.take().unwrap();
+    // Owned by the guard from here on, so a failed start still kills the child.
+    let mut router = Router {
+        child,
+        grpc: String::new(),
+    };
+    let stderr = router.child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -51,10 +56,14 @@ fn start(nats: &NatsServer) -> Router {
             && let Ok(v) = serde_json::from_str::<Value>(&line)
             && v["message"] == "beamline-router started"
         {
-            let grpc = v["grpc"].as_str().expect("grpc address in the start line").to_string();
+            let grpc = v["grpc"]
+                .as_str()
+                .expect("grpc address in the start line")
+                .to_string();
             // Keep draining the log so the child never blocks on a full pipe.
             std::thread::spawn(move || while rx.recv().is_ok() {});
-            return Router { child, grpc: format!("http://{grpc}") };
+            router.grpc = format!("http://{grpc}");
+            return router;
         }
     }
     panic!("router did not start");
@@ -80,7 +89,9 @@ fn route_request(tenant: &str, text: &str) -> proto::RouteRequest {
 async fn demo_pipeline_over_grpc_and_nats() {
     let nats = NatsServer::start();
     let router = start(&nats);
-    let mut client = RouterClient::connect(router.grpc.clone()).await.expect("gRPC connect");
+    let mut client = RouterClient::connect(router.grpc.clone())
+        .await
+        .expect("gRPC connect");
 
     // normalize_text → pii_guard → test_provider → mask_pii
     let d = client
@@ -90,9 +101,15 @@ async fn demo_pipeline_over_grpc_and_nats() {
         .into_inner();
     assert_eq!(d.provider_id, "test_provider");
     let final_message = d.final_message.unwrap();
-    assert_eq!(String::from_utf8(final_message.payload).unwrap(), "Hello world");
-    let steps: Vec<(String, String, String)> =
-        d.executed_extensions.iter().map(|e| (e.r#type.clone(), e.id.clone(), e.status.clone())).collect();
+    assert_eq!(
+        String::from_utf8(final_message.payload).unwrap(),
+        "Hello world"
+    );
+    let steps: Vec<(String, String, String)> = d
+        .executed_extensions
+        .iter()
+        .map(|e| (e.r#type.clone(), e.id.clone(), e.status.clone()))
+        .collect();
     assert_eq!(
         steps,
         vec![
@@ -102,25 +119,47 @@ async fn demo_pipeline_over_grpc_and_nats() {
             ("post".into(), "mask_pii".into(), "ok".into()),
         ]
     );
-    assert_eq!(d.provider_output.unwrap().output_json, "\"echo: Hello world\"");
+    assert_eq!(
+        d.provider_output.unwrap().output_json,
+        "\"echo: Hello world\""
+    );
 
     // PII is blocked by the validator: the status message starts with the code.
-    let err = client.decide(route_request("acme", "mail jane@example.com")).await.unwrap_err();
+    let err = client
+        .decide(route_request("acme", "mail jane@example.com"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().starts_with("validator_blocked: "), "{}", err.message());
+    assert!(
+        err.message().starts_with("validator_blocked: "),
+        "{}",
+        err.message()
+    );
 
     // Missing message → invalid_request
     let err = client
-        .decide(proto::RouteRequest { message: None, policy_id: String::new(), context: Default::default() })
+        .decide(proto::RouteRequest {
+            message: None,
+            policy_id: String::new(),
+            context: Default::default(),
+        })
         .await
         .unwrap_err();
-    assert!(err.message().starts_with("invalid_request: "), "{}", err.message());
+    assert!(
+        err.message().starts_with("invalid_request: "),
+        "{}",
+        err.message()
+    );
 
     // Unknown policy → policy_not_found
     let mut r = route_request("acme", "hi");
     r.policy_id = "nope".into();
     let err = client.decide(r).await.unwrap_err();
-    assert!(err.message().starts_with("policy_not_found: "), "{}", err.message());
+    assert!(
+        err.message().starts_with("policy_not_found: "),
+        "{}",
+        err.message()
+    );
 
     // The NATS intake speaks the original's JSON contract.
     let nc = async_nats::connect(nats.url()).await.unwrap();
@@ -128,25 +167,47 @@ async fn demo_pipeline_over_grpc_and_nats() {
         let nc = nc.clone();
         async move {
             let msg = nc
-                .request("beamline.router.v1.decide", serde_json::to_vec(&body).unwrap().into())
+                .request(
+                    "beamline.router.v1.decide",
+                    serde_json::to_vec(&body).unwrap().into(),
+                )
                 .await
                 .expect("intake reply");
             serde_json::from_slice::<Value>(&msg.payload).unwrap()
         }
     };
-    let ok = ask(json!({"version": "1", "request_id": "r-1", "trace_id": "t-1", "tenant_id": "acme",
-        "task": {"type": "chat", "payload": "call me at +1 555 123 4567"}})).await;
+    let ok = ask(
+        json!({"version": "1", "request_id": "r-1", "trace_id": "t-1", "tenant_id": "acme",
+        "task": {"type": "chat", "payload": "call me at +1 555 123 4567"}}),
+    )
+    .await;
     assert_eq!(ok["ok"], false, "{ok}");
     assert_eq!(ok["error"]["code"], "validator_blocked");
     assert_eq!(ok["context"]["request_id"], "r-1");
-    let ok = ask(json!({"version": "1", "request_id": "r-2", "tenant_id": "acme",
-        "task": {"type": "chat", "payload": "  hi  there "}, "constraints": {"dry_run": true}})).await;
+    let ok = ask(
+        json!({"version": "1", "request_id": "r-2", "tenant_id": "acme",
+        "task": {"type": "chat", "payload": "  hi  there "}, "constraints": {"dry_run": true}}),
+    )
+    .await;
     assert_eq!(ok["ok"], true, "{ok}");
     assert_eq!(ok["decision"]["provider_id"], "test_provider");
-    assert!(ok["decision"]["executed_extensions"].as_array().unwrap().iter().all(|e| e["status"] == "skipped"));
-    let bad = ask(json!({"version": "1", "tenant_id": "acme", "task": {"type": "chat", "payload": "x"}})).await;
+    assert!(
+        ok["decision"]["executed_extensions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["status"] == "skipped")
+    );
+    let bad =
+        ask(json!({"version": "1", "tenant_id": "acme", "task": {"type": "chat", "payload": "x"}}))
+            .await;
     assert_eq!(bad["error"]["code"], "invalid_request");
-    assert!(bad["error"]["message"].as_str().unwrap().contains("request_id"));
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request_id")
+    );
     let bad = ask(json!("not an object")).await;
     assert_eq!(bad["error"]["code"], "invalid_request");
 }
@@ -157,11 +218,19 @@ async fn grpc_health_follows_readiness() {
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
     let nats = NatsServer::start();
     let router = start(&nats);
-    let channel = tonic::transport::Channel::from_shared(router.grpc.clone()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(router.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = HealthClient::new(channel);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = health.check(HealthCheckRequest { service: String::new() }).await;
+        let r = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
         if let Ok(r) = r
             && r.into_inner().status == ServingStatus::Serving as i32
         {

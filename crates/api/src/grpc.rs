@@ -1,4 +1,4 @@
-//! The gRPC server: Router, `grpc.health.v1` and server reflection (v1 and v1alpha),
+//! The gRPC server: Router, RouterAdmin, `grpc.health.v1` and server reflection (v1 and v1alpha),
 //! on a listener the caller binds (tests bind port 0), until `shutdown`.
 
 use tokio::net::TcpListener;
@@ -12,6 +12,7 @@ use crate::router_service::RouterService;
 pub async fn serve(
     listener: TcpListener,
     router: RouterService,
+    admin: crate::admin_service::AdminService,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -37,6 +38,7 @@ pub async fn serve(
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(proto::router_server::RouterServer::new(router))
+        .add_service(proto::router_admin_server::RouterAdminServer::new(admin))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }

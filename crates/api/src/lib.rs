@@ -8,7 +8,10 @@
 //! Both intakes turn their request into one [`beamline_pipeline::DecideRequest`] and
 //! share the same pipeline; errors become the same codes on both.
 
+pub mod admin_service;
+pub mod auth;
 pub mod grpc;
+pub mod json;
 pub mod nats_intake;
 pub mod router_service;
 

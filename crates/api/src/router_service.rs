@@ -13,11 +13,22 @@ use crate::proto::router_server::Router;
 #[derive(Clone)]
 pub struct RouterService {
     pipeline: Pipeline,
+    /// Set when `[admin] decide_requires_key`: Decide then needs a key of any role.
+    auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
 }
 
 impl RouterService {
     pub fn new(pipeline: Pipeline) -> RouterService {
-        RouterService { pipeline }
+        RouterService {
+            pipeline,
+            auth: None,
+        }
+    }
+
+    /// Requires a valid API key (any role) on Decide.
+    pub fn with_auth(mut self, auth: std::sync::Arc<crate::auth::Authenticator>) -> RouterService {
+        self.auth = Some(auth);
+        self
     }
 }
 

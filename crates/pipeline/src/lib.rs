@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod health;
 pub mod invoker;
 pub mod observer;
+pub mod persist;
 pub mod pipeline;
 pub mod runtime;
 

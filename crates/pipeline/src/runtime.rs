@@ -183,6 +183,30 @@ impl RuntimeTable {
         }
     }
 
+    /// Closes every breaker guarding `extension_id` (its own, its instances', and
+    /// policy-scoped ones): the operator's reset. Returns whether any was not closed.
+    pub fn reset_breakers(&self, extension_id: &str) -> Vec<crate::breaker::Transition> {
+        let mut changed = Vec::new();
+        changed.extend(self.extension(extension_id).breaker.reset());
+        let instance_prefix = format!("{extension_id}\u{1f}");
+        for (key, b) in self.instance_breakers.entries() {
+            if key.starts_with(&instance_prefix) {
+                changed.extend(b.reset());
+            }
+        }
+        for (key, b) in self.policy_breakers.entries() {
+            if key.split('\u{1f}').nth(2) == Some(extension_id) {
+                changed.extend(b.reset());
+            }
+        }
+        changed
+    }
+
+    /// Every extension with live state.
+    pub fn extension_entries(&self) -> Vec<(String, Arc<ExtensionRuntime>)> {
+        self.extensions.entries()
+    }
+
     /// Health of one extension (an extension never called reports empty health).
     pub fn health_of(&self, id: &str, now: Instant) -> ExtensionHealth {
         let rt = self.extension(id);

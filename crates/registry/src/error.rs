@@ -54,6 +54,8 @@ pub enum ErrorKind {
     Database,
     /// The operation does not apply in the current configuration.
     Unsupported,
+    /// The record asked for does not exist.
+    NotFound,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,8 @@ pub enum RegistryError {
     Database { database: String, message: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl RegistryError {
@@ -92,6 +96,7 @@ impl RegistryError {
             RegistryError::SchemaMissing { .. } => ErrorKind::SchemaMissing,
             RegistryError::Database { .. } => ErrorKind::Database,
             RegistryError::Unsupported(_) => ErrorKind::Unsupported,
+            RegistryError::NotFound(_) => ErrorKind::NotFound,
         }
     }
 

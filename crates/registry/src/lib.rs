@@ -11,6 +11,8 @@
 //! - [`snapshot`]: validation of a whole dataset and the read API (lookup, resolve,
 //!   list by type, instances, policies).
 //! - [`registry`]: the running registry — atomic swap, reloads, auto fallback, sync.
+//! - [`writes`]: operator writes (one transaction each, audit-logged).
+//! - [`health_store`]: the `extension_health` table: periodic upserts, manual resets.
 //! - [`error`]: [`RegistryError`], with the origin (file or row) and an [`ErrorKind`].
 
 pub mod config;
@@ -18,8 +20,10 @@ pub mod database;
 pub mod dataset;
 pub mod error;
 pub mod fixtures;
+pub mod health_store;
 pub mod registry;
 pub mod snapshot;
+pub mod writes;
 
 pub use config::{RegistryConfig, SourceMode};
 pub use dataset::Dataset;

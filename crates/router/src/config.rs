@@ -8,6 +8,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use beamline_api::auth::AdminConfig;
+#[cfg(test)]
+use beamline_api::auth::Role;
 use beamline_model::{Limits, Secret, SecretUrl, ValidationError};
 use beamline_pipeline::{BreakerConfig, PipelineConfig};
 use beamline_registry::{RegistryConfig, SourceMode};
@@ -80,35 +83,6 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
         }
     }
-}
-
-/// What an API key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiKeyConfig {
-    /// Who holds the key; written to the audit log as `changed_by`.
-    pub name: String,
-    pub role: Role,
-    /// Lowercase hex SHA-256 of the key (preferred: the key itself is not stored).
-    #[serde(default)]
-    pub key_sha256: Option<String>,
-    /// The key in clear, for development only.
-    #[serde(default)]
-    pub key: Option<Secret>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AdminConfig {
-    pub api_keys: Vec<ApiKeyConfig>,
 }
 
 /// Log output.
@@ -267,43 +241,7 @@ impl Config {
                 "must be greater than 0".into(),
             ));
         }
-        let mut names = std::collections::BTreeSet::new();
-        for (i, k) in self.admin.api_keys.iter().enumerate() {
-            let key = format!("admin.api_keys[{i}]");
-            if k.name.trim().is_empty() {
-                return Err((format!("{key}.name"), "must not be empty".into()));
-            }
-            if !names.insert(k.name.as_str()) {
-                return Err((format!("{key}.name"), format!("'{}' is used twice", k.name)));
-            }
-            match (&k.key_sha256, &k.key) {
-                (Some(_), Some(_)) => {
-                    return Err((key, "give key_sha256 or key, not both".into()));
-                }
-                (None, None) => {
-                    return Err((key, "needs key_sha256 (preferred) or key".into()));
-                }
-                (Some(h), None) => {
-                    let ok = h.len() == 64
-                        && h.chars()
-                            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
-                    if !ok {
-                        return Err((
-                            format!("{key}.key_sha256"),
-                            "must be 64 lowercase hex characters (sha256sum of the key)".into(),
-                        ));
-                    }
-                }
-                (None, Some(k)) => {
-                    if k.expose().len() < 16 {
-                        return Err((
-                            format!("{key}.key"),
-                            "must be at least 16 characters".into(),
-                        ));
-                    }
-                }
-            }
-        }
+        self.admin.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             (
                 "log.level".to_string(),
@@ -371,6 +309,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("BEAMLINE_HTTP_LISTEN", "http.listen"),
     ("BEAMLINE_LOG_FORMAT", "log.format"),
     ("BEAMLINE_LOG_LEVEL", "log.level"),
+    (
+        "BEAMLINE_ADMIN_KEY",
+        "admin.api_keys (an admin key named \"env\")",
+    ),
 ];
 
 fn apply_env(
@@ -386,7 +328,7 @@ fn apply_env(
             message,
         };
         // Never echo the value of a secret-bearing variable.
-        let shown = if var.contains("PASSWORD") {
+        let shown = if var.contains("PASSWORD") || var.contains("KEY") {
             "***".to_string()
         } else if var.ends_with("_URL") {
             beamline_model::secret::redact_url(value)
@@ -451,6 +393,18 @@ fn apply_env(
                 }
             }
             "BEAMLINE_LOG_LEVEL" => config.log.level = value.to_string(),
+            "BEAMLINE_ADMIN_KEY" => {
+                config.admin.api_keys.retain(|k| k.name != "env");
+                config
+                    .admin
+                    .api_keys
+                    .push(beamline_api::auth::ApiKeyConfig {
+                        name: "env".into(),
+                        role: beamline_api::auth::Role::Admin,
+                        key_sha256: None,
+                        key: Some(Secret::new(value)),
+                    });
+            }
             _ => {}
         }
     }

@@ -3,12 +3,14 @@
 //! operator commands (later) talk to a running router over its admin API.
 //!
 //! Layout: [`cli`] (arguments), [`config`] (TOML + environment, validated),
-//! [`serve`] (wiring and lifecycle), [`migrate`], [`logging`].
+//! [`serve`] (wiring and lifecycle), [`migrate`], [`ops`] (operator commands over
+//! the admin API), [`logging`].
 
 mod cli;
 mod config;
 mod logging;
 mod migrate;
+mod ops;
 mod serve;
 
 use std::process::ExitCode;
@@ -31,12 +33,16 @@ fn main() -> ExitCode {
         match cli.command {
             cli::Command::Serve(args) => serve::run(args).await,
             cli::Command::Migrate(args) => migrate::run(args).await,
+            command => ops::run(&cli.global, command).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {}", status.message()),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::from(cli::exit_code(&e))
         }
     }

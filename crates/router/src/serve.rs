@@ -77,12 +77,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         ))
     };
+    let auth = std::sync::Arc::new(beamline_api::auth::Authenticator::new(&config.admin));
+    let router_service = if config.admin.decide_requires_key {
+        RouterService::new(pipeline.clone()).with_auth(auth.clone())
+    } else {
+        RouterService::new(pipeline.clone())
+    };
     let grpc = tokio::spawn(beamline_api::grpc::serve(
         listener,
-        RouterService::new(pipeline.clone()),
+        router_service,
+        beamline_api::admin_service::AdminService::new(pipeline.clone(), auth.clone()),
         health_service,
         shutdown.clone(),
     ));
+    // extension_health: written every sync interval and at shutdown, manual resets
+    // applied; a separate token so it runs after intake has drained.
+    let persist_stop = CancellationToken::new();
+    let persist = tokio::spawn(
+        beamline_pipeline::persist::HealthPersister::new(pipeline.clone()).run(
+            config.extension_registry.sync_interval(),
+            persist_stop.clone(),
+        ),
+    );
     let intake = tokio::spawn(beamline_api::nats_intake::serve(
         pipeline.clone(),
         nats.clone(),
@@ -120,6 +136,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("in-flight work did not finish within 30 s; stopping anyway");
+    }
+    // Last: persist health after the final requests were answered.
+    persist_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), persist)
+        .await
+        .is_err()
+    {
+        tracing::warn!("extension_health was not written at shutdown within 10 s");
     }
     for t in tasks {
         t.abort();

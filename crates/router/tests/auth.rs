@@ -1,0 +1,358 @@
+//! Auth against the running server: no key, wrong key, x-api-key and Bearer, every
+//! role against every RouterAdmin method; health and reflection need no key; a real
+//! gRPC health client and a reflection client (as grpc_health_probe and grpcurl use).
+
+mod common;
+
+use beamline_api::proto;
+use beamline_api::proto::router_admin_client::RouterAdminClient;
+use beamline_test_support::{NatsServer, TestDatabase};
+use common::*;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+#[derive(Clone, Copy, Debug)]
+enum Method {
+    UpsertPolicy,
+    DeletePolicy,
+    GetPolicy,
+    ListPolicies,
+    GetCheckpointStatus,
+    GetValidatorsHealth,
+    GetRegistryStatus,
+    TestConnection,
+    ReloadRegistry,
+    SetRegistrySource,
+    GetExtension,
+    ListExtensions,
+    ResolveExtension,
+    EnableExtension,
+    DisableExtension,
+    SetExtension,
+    GetHealth,
+    GetHealthSummary,
+    ListHealth,
+    ResetBreaker,
+    PolicyUses,
+}
+
+use Method::*;
+
+/// (method, least role: 0 viewer, 1 operator, 2 admin)
+const MATRIX: &[(Method, u8)] = &[
+    (GetPolicy, 0),
+    (ListPolicies, 0),
+    (GetCheckpointStatus, 0),
+    (GetValidatorsHealth, 0),
+    (GetRegistryStatus, 0),
+    (TestConnection, 0),
+    (GetExtension, 0),
+    (ListExtensions, 0),
+    (ResolveExtension, 0),
+    (GetHealth, 0),
+    (GetHealthSummary, 0),
+    (ListHealth, 0),
+    (PolicyUses, 0),
+    (ReloadRegistry, 1),
+    (SetRegistrySource, 1),
+    (EnableExtension, 1),
+    (DisableExtension, 1),
+    (ResetBreaker, 1),
+    (SetExtension, 2),
+    (UpsertPolicy, 2),
+    (DeletePolicy, 2),
+];
+
+fn req<T>(body: T, header: Option<(&'static str, String)>) -> Request<T> {
+    let mut r = Request::new(body);
+    if let Some((k, v)) = header {
+        r.metadata_mut().insert(k, v.parse().unwrap());
+    }
+    r
+}
+
+async fn call(
+    c: &mut RouterAdminClient<Channel>,
+    m: Method,
+    h: Option<(&'static str, String)>,
+) -> Result<(), tonic::Status> {
+    let id = || proto::ExtensionIdRequest {
+        id: "pii_guard".into(),
+    };
+    match m {
+        UpsertPolicy => c
+            .upsert_policy(req(
+                proto::UpsertPolicyRequest {
+                    tenant_id: "acme".into(),
+                    policy: Some(proto::AdminPolicy {
+                        policy_id: "p".into(),
+                        policy_json: "{\"providers\": [{\"name\": \"x\"}]}".into(),
+                        ..Default::default()
+                    }),
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        DeletePolicy => c
+            .delete_policy(req(
+                proto::DeletePolicyRequest {
+                    tenant_id: "acme".into(),
+                    policy_id: "p".into(),
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        GetPolicy => c
+            .get_policy(req(
+                proto::GetPolicyRequest {
+                    tenant_id: "default".into(),
+                    policy_id: "default".into(),
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        ListPolicies => c
+            .list_policies(req(proto::ListPoliciesRequest::default(), h))
+            .await
+            .map(|_| ()),
+        GetCheckpointStatus => c
+            .get_checkpoint_status(req(proto::GetCheckpointStatusRequest {}, h))
+            .await
+            .map(|_| ()),
+        GetValidatorsHealth => c
+            .get_validators_health(req(proto::GetValidatorsHealthRequest::default(), h))
+            .await
+            .map(|_| ()),
+        GetRegistryStatus => c
+            .get_registry_status(req(proto::Empty {}, h))
+            .await
+            .map(|_| ()),
+        TestConnection => c.test_connection(req(proto::Empty {}, h)).await.map(|_| ()),
+        ReloadRegistry => c.reload_registry(req(proto::Empty {}, h)).await.map(|_| ()),
+        SetRegistrySource => c
+            .set_registry_source(req(
+                proto::SetSourceRequest {
+                    source: "database".into(),
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        GetExtension => c.get_extension(req(id(), h)).await.map(|_| ()),
+        ListExtensions => c
+            .list_extensions(req(proto::ListExtensionsRequest::default(), h))
+            .await
+            .map(|_| ()),
+        ResolveExtension => c
+            .resolve_extension(req(
+                proto::ResolveExtensionRequest {
+                    id: "pii_guard".into(),
+                    context: Default::default(),
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        EnableExtension => c.enable_extension(req(id(), h)).await.map(|_| ()),
+        DisableExtension => c.disable_extension(req(id(), h)).await.map(|_| ()),
+        SetExtension => c
+            .set_extension(req(
+                proto::SetExtensionRequest {
+                    id: "pii_guard".into(),
+                    timeout_ms: Some(250),
+                    ..Default::default()
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        GetHealth => c.get_health(req(id(), h)).await.map(|_| ()),
+        GetHealthSummary => c
+            .get_health_summary(req(proto::Empty {}, h))
+            .await
+            .map(|_| ()),
+        ListHealth => c.list_health(req(proto::Empty {}, h)).await.map(|_| ()),
+        ResetBreaker => c.reset_breaker(req(id(), h)).await.map(|_| ()),
+        PolicyUses => c.policy_uses(req(id(), h)).await.map(|_| ()),
+    }
+}
+
+#[tokio::test]
+async fn every_role_against_every_method() {
+    let db = TestDatabase::create().await;
+    assert!(
+        bin()
+            .args(["migrate", "--database-url", db.url()])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let pool = db.pool().await;
+    sqlx::raw_sql(SEED).execute(&pool).await.unwrap();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start(&write_config(dir.path(), db.url(), &nats.url(), ""));
+    let mut c = RouterAdminClient::connect(router.addr.clone())
+        .await
+        .unwrap();
+
+    for &(m, least) in MATRIX {
+        let e = call(&mut c, m, None).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{m:?} without a key");
+        let e = call(
+            &mut c,
+            m,
+            Some(("x-api-key", "not-a-real-key-000000".into())),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{m:?} with a wrong key");
+        for (role, key) in [(0u8, VIEWER_KEY), (1, OPERATOR_KEY), (2, ADMIN_KEY)] {
+            for header in [
+                ("x-api-key", key.to_string()),
+                ("authorization", format!("Bearer {key}")),
+            ] {
+                let r = call(&mut c, m, Some(header.clone())).await;
+                if role >= least {
+                    if let Err(e) = &r {
+                        assert!(
+                            !matches!(e.code(), Code::Unauthenticated | Code::PermissionDenied),
+                            "{m:?} as role {role} via {} refused: {e:?}",
+                            header.0
+                        );
+                    }
+                } else {
+                    assert_eq!(
+                        r.unwrap_err().code(),
+                        Code::PermissionDenied,
+                        "{m:?} as role {role}"
+                    );
+                }
+            }
+        }
+    }
+    // The validators are real checks.
+    let v = c
+        .get_validators_health(req(
+            proto::GetValidatorsHealthRequest::default(),
+            Some(("x-api-key", VIEWER_KEY.into())),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<(&str, &str)> = v
+        .validators
+        .iter()
+        .map(|v| (v.name.as_str(), v.status.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("grpc_health", "serving"),
+            ("registry", "serving"),
+            ("database", "serving"),
+            ("nats", "serving")
+        ]
+    );
+    let log = router.log.lock().unwrap().clone();
+    for key in [ADMIN_KEY, OPERATOR_KEY, VIEWER_KEY] {
+        assert!(!log.contains(key), "a key reached the log");
+    }
+}
+
+#[tokio::test]
+async fn health_and_reflection_need_no_key() {
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let db = TestDatabase::create().await;
+    assert!(
+        bin()
+            .args(["migrate", "--database-url", db.url()])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start(&write_config(dir.path(), db.url(), &nats.url(), ""));
+    let channel = Channel::from_shared(router.addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut health = HealthClient::new(channel.clone());
+    let mut serving = false;
+    for _ in 0..100 {
+        let s = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if s == ServingStatus::Serving as i32 {
+            serving = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(serving, "grpc.health.v1 never SERVING");
+
+    let mut refl = ServerReflectionClient::new(channel);
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let stream = tokio_stream::iter(vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "beamline.flow.v1.RouterAdmin".into(),
+        )),
+    ]);
+    let mut answers = refl
+        .server_reflection_info(stream)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("{first:?}")
+    };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in [
+        "beamline.flow.v1.Router",
+        "beamline.flow.v1.RouterAdmin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.iter().any(|x| x == s),
+            "{s} not listed: {services:?}"
+        );
+    }
+    let second = answers.next().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(fd)) = second.message_response else {
+        panic!("{second:?}")
+    };
+    let text = fd
+        .file_descriptor_proto
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect::<String>();
+    assert!(
+        text.contains("GetValidatorsHealth"),
+        "descriptor lacks the method"
+    );
+}

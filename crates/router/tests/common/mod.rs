@@ -1,0 +1,210 @@
+//! Starting the real binary for tests: a config file, ports chosen by the OS, the
+//! start line parsed for the gRPC address, the process killed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const ADMIN_KEY: &str = "admin-key-0123456789";
+pub const OPERATOR_KEY: &str = "operator-key-0123456789";
+pub const VIEWER_KEY: &str = "viewer-key-0123456789";
+
+/// The binary with a clean environment (nothing of the test's own leaks in).
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_beamline-router"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("EXTENSION_REGISTRY_") || k.starts_with("BEAMLINE_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+pub struct Router {
+    pub child: Child,
+    pub addr: String,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config with the three test keys; `extra` is appended (TOML).
+pub fn write_config(
+    dir: &Path,
+    database_url: &str,
+    nats_url: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("router.toml");
+    let text = format!(
+        r#"
+[extension_registry]
+source = "database"
+database_url = "{database_url}"
+sync_interval_seconds = 1
+db_connect_timeout_ms = 1000
+
+[nats]
+url = "{nats_url}"
+
+[grpc]
+listen = "127.0.0.1:0"
+
+[log]
+format = "json"
+level = "info"
+
+[[admin.api_keys]]
+name = "alice-admin"
+role = "admin"
+key = "{ADMIN_KEY}"
+
+[[admin.api_keys]]
+name = "oscar-operator"
+role = "operator"
+key_sha256 = "{op}"
+
+[[admin.api_keys]]
+name = "vera-viewer"
+role = "viewer"
+key = "{VIEWER_KEY}"
+{extra}
+"#,
+        op = sha256_hex(OPERATOR_KEY)
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    // Computed by the system's sha256sum so the test does not trust our own code.
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+pub fn start(config: &Path) -> Router {
+    let mut child = bin()
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push_str(&line);
+                log.lock().unwrap().push('\n');
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let mut router = Router {
+        child,
+        addr: String::new(),
+        log,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
+            && let Ok(v) = serde_json::from_str::<Value>(&line)
+            && v["message"] == "beamline-router started"
+        {
+            router.addr = format!("http://{}", v["grpc"].as_str().unwrap());
+            std::thread::spawn(move || while rx.recv().is_ok() {});
+            return router;
+        }
+    }
+    panic!("router did not start: {}", router.log.lock().unwrap());
+}
+
+impl Router {
+    /// Runs a CLI command against this router.
+    pub fn cli(&self, key: Option<&str>, args: &[&str]) -> Output {
+        let mut c = bin();
+        c.args(["--addr", &self.addr, "--output", "json"]);
+        if let Some(k) = key {
+            c.args(["--api-key", k]);
+        }
+        c.args(args).output().expect("cli")
+    }
+
+    /// Runs a CLI command that must succeed; returns its JSON.
+    pub fn json(&self, key: Option<&str>, args: &[&str]) -> Value {
+        let out = self.cli(key, args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "router did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Polls until `f` is true (or panics with `what` after `secs`).
+pub async fn wait_until(secs: u64, what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub const SEED: &str = r#"
+INSERT INTO extensions (id, type, subject, timeout_ms, retry, enabled, config, metadata) VALUES
+ ('normalize_text', 'pre', 'beamline.ext.pre.normalize_text.v1', 100, 0, true, '{}', '{"description": "Text normalization pre-processor", "version": "v1"}'),
+ ('pii_guard', 'validator', 'beamline.ext.validate.pii_guard.v1', 200, 0, true, '{}', '{}'),
+ ('mask_pii', 'post', 'beamline.ext.post.mask_pii.v1', 150, 0, true, '{}', '{}'),
+ ('test_provider', 'provider', 'beamline.provider.test_provider.v1', 5000, 1, true, '{}', '{}');
+INSERT INTO policies (tenant_id, policy_id, policy) VALUES
+ ('default', 'default', '{"providers": [{"name": "test_provider", "weight": 100}], "pre": [{"id": "normalize_text", "mode": "required"}], "validators": [{"id": "pii_guard", "on_fail": "block"}], "post": [{"id": "mask_pii", "mode": "optional"}]}');
+"#;

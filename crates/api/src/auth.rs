@@ -102,6 +102,17 @@ impl AdminConfig {
     }
 }
 
+/// The `resource` label values of `router_rbac_denied_total`.
+pub const RESOURCES: &[&str] = &[
+    "registry",
+    "extension",
+    "health",
+    "breaker",
+    "policy",
+    "status",
+    "decide",
+];
+
 /// Who made a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {

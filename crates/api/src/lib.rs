@@ -11,7 +11,9 @@
 pub mod admin_service;
 pub mod auth;
 pub mod grpc;
+pub mod http;
 pub mod json;
+pub mod metrics;
 pub mod nats_intake;
 pub mod router_service;
 

@@ -1015,6 +1015,13 @@ impl Pipeline {
                             provider.name,
                             failure.fallback_status()
                         );
+                        tracing::warn!(
+                            trace_id = %message.trace_id,
+                            from = %provider.name,
+                            to = %providers[i].name,
+                            status = failure.fallback_status(),
+                            "provider fallback"
+                        );
                     }
                     current = i;
                 }

@@ -38,6 +38,8 @@ pub struct Config {
     pub limits: Limits,
     /// Log format and level.
     pub log: LogConfig,
+    /// Label cardinality of the metrics.
+    pub metrics: beamline_api::metrics::MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +244,9 @@ impl Config {
             ));
         }
         self.admin.validate()?;
+        if self.metrics.max_tenants == 0 {
+            return Err(("metrics.max_tenants".into(), "must be at least 1".into()));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             (
                 "log.level".to_string(),

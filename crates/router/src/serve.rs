@@ -45,13 +45,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot use NATS at {}", config.nats.url.redacted()))?;
 
+    let metrics = beamline_api::metrics::Metrics::new(&config.metrics);
     let pipeline = Pipeline::new(
         registry.clone(),
         nats.clone(),
         config.pipeline.clone(),
         config.circuit_breaker.clone(),
         config.limits.clone(),
-    );
+    )
+    .with_observer(std::sync::Arc::new(beamline_api::metrics::MetricsObserver(
+        metrics.clone(),
+    )));
 
     let mut tasks = Vec::new();
     if args.demo {
@@ -99,6 +103,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             persist_stop.clone(),
         ),
     );
+    let http_listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
+    let http_addr = http_listener.local_addr()?;
+    let http = tokio::spawn(beamline_api::http::serve(
+        http_listener,
+        pipeline.clone(),
+        metrics.clone(),
+        Some(auth.clone()),
+        shutdown.clone(),
+    ));
     let intake = tokio::spawn(beamline_api::nats_intake::serve(
         pipeline.clone(),
         nats.clone(),
@@ -113,6 +128,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         extensions = status.size,
         policies = status.counts.policies,
         grpc = %grpc_addr,
+        http = %http_addr,
         nats = %config.nats.url.redacted(),
         demo = args.demo,
         config = %serde_json::to_string(&status.config).unwrap_or_default(),
@@ -128,6 +144,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let drain = async {
         let _ = intake.await;
         let _ = grpc.await;
+        let _ = http.await;
         let _ = readiness.await;
         let _ = sync.await;
     };

@@ -32,6 +32,7 @@ fn start(nats: &NatsServer) -> Router {
     let child = cmd
         .args(["serve", "--demo"])
         .env("BEAMLINE_GRPC_LISTEN", "127.0.0.1:0")
+        .env("BEAMLINE_HTTP_LISTEN", "127.0.0.1:0")
         .env("BEAMLINE_NATS_URL", nats.url())
         .env("BEAMLINE_LOG_FORMAT", "json")
         .stdout(Stdio::null())

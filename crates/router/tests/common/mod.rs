@@ -28,6 +28,8 @@ pub fn bin() -> Command {
 pub struct Router {
     pub child: Child,
     pub addr: String,
+    /// Base URL of /metrics, /healthz, /readyz.
+    pub http: String,
     pub log: Arc<Mutex<String>>,
 }
 
@@ -58,6 +60,9 @@ db_connect_timeout_ms = 1000
 url = "{nats_url}"
 
 [grpc]
+listen = "127.0.0.1:0"
+
+[http]
 listen = "127.0.0.1:0"
 
 [log]
@@ -129,6 +134,7 @@ pub fn start(config: &Path) -> Router {
     let mut router = Router {
         child,
         addr: String::new(),
+        http: String::new(),
         log,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -138,6 +144,7 @@ pub fn start(config: &Path) -> Router {
             && v["message"] == "beamline-router started"
         {
             router.addr = format!("http://{}", v["grpc"].as_str().unwrap());
+            router.http = format!("http://{}", v["http"].as_str().unwrap());
             std::thread::spawn(move || while rx.recv().is_ok() {});
             return router;
         }
@@ -205,6 +212,45 @@ INSERT INTO extensions (id, type, subject, timeout_ms, retry, enabled, config, m
  ('pii_guard', 'validator', 'beamline.ext.validate.pii_guard.v1', 200, 0, true, '{}', '{}'),
  ('mask_pii', 'post', 'beamline.ext.post.mask_pii.v1', 150, 0, true, '{}', '{}'),
  ('test_provider', 'provider', 'beamline.provider.test_provider.v1', 5000, 1, true, '{}', '{}');
+INSERT INTO extension_instances (extension_id, instance_id, subject, weight, health_status) VALUES
+ ('pii_guard', 'pii-a', 'beamline.ext.validate.pii_guard.v1', 100, 'healthy');
 INSERT INTO policies (tenant_id, policy_id, policy) VALUES
  ('default', 'default', '{"providers": [{"name": "test_provider", "weight": 100}], "pre": [{"id": "normalize_text", "mode": "required"}], "validators": [{"id": "pii_guard", "on_fail": "block"}], "post": [{"id": "mask_pii", "mode": "optional"}]}');
 "#;
+
+/// GET over plain HTTP/1.0; returns (status code, body).
+pub fn http_get(base: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
+}
+
+/// Every metric of DESIGN.md §7 with its type.
+pub const CONTRACT_METRICS: &[(&str, &str)] = &[
+    ("router_extension_invocation_total", "counter"),
+    ("router_extension_invocation_latency_ms", "histogram"),
+    ("router_extension_retries_total", "counter"),
+    ("router_extension_circuit_breaker_state", "gauge"),
+    ("router_extension_circuit_breaker_opened_total", "counter"),
+    ("router_extension_health_success_rate", "gauge"),
+    ("router_extension_health_latency_p95_ms", "gauge"),
+    ("router_extension_registry_extensions_total", "gauge"),
+    ("router_extension_registry_sync_total", "counter"),
+    ("router_extension_instance_health", "gauge"),
+    ("router_extension_version_invocation_total", "counter"),
+    ("router_extension_load_balancer_selection_total", "counter"),
+    ("router_rbac_denied_total", "counter"),
+    ("router_extension_payload_too_large_total", "counter"),
+    ("router_extension_retry_limit_exceeded_total", "counter"),
+];

@@ -1,0 +1,428 @@
+//! Prometheus metrics (DESIGN.md §7: names, types and labels are a contract), in the
+//! text exposition format 0.0.4.
+//!
+//! Two kinds of series:
+//! - events, counted as they happen through the pipeline's [`Observer`] hooks
+//!   (invocations, latency, retries, breaker openings, versions, balancer picks, the
+//!   security counters);
+//! - state, read from the registry and the pipeline at scrape time (breaker state,
+//!   health gauges, registry size, instance health, sync and RBAC counters). These
+//!   families are rebuilt on every scrape, so a breaker that changes state leaves
+//!   exactly one series (`state` = the current one) and a removed extension leaves
+//!   none.
+//!
+//! `tenant_id` is bounded: the first [`MetricsConfig::max_tenants`] distinct tenants
+//! keep their own label value, later ones are reported as `_other`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use beamline_pipeline::breaker::{BreakerState, Transition};
+use beamline_pipeline::{InvocationEvent, Observer, Pipeline};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Authenticator;
+
+/// Latency buckets in milliseconds: the runbook's 10…1000 plus finer ones below 10
+/// (loopback calls take well under a millisecond) and 2500/5000 for timeouts.
+pub const LATENCY_BUCKETS_MS: &[f64] = &[
+    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2500.0, 5000.0,
+];
+
+/// Label value for tenants past the cap.
+pub const OTHER_TENANT: &str = "_other";
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Distinct `tenant_id` label values kept; later tenants count as `_other`.
+    pub max_tenants: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { max_tenants: 100 }
+    }
+}
+
+/// `{extension_id, type, status, tenant_id}`
+pub struct InvocationLabels<'a> {
+    pub extension_id: &'a str,
+    pub ext_type: &'a str,
+    pub status: &'a str,
+    pub tenant_id: &'a str,
+}
+
+impl InvocationLabels<'_> {
+    fn values(&self) -> [&str; 4] {
+        [
+            self.extension_id,
+            self.ext_type,
+            self.status,
+            self.tenant_id,
+        ]
+    }
+}
+
+struct EventFamilies {
+    invocation_total: IntCounterVec,
+    invocation_latency_ms: HistogramVec,
+    retries_total: IntCounterVec,
+    breaker_opened_total: IntCounterVec,
+    version_invocation_total: IntCounterVec,
+    lb_selection_total: IntCounterVec,
+    payload_too_large_total: IntCounterVec,
+    retry_limit_exceeded_total: IntCounterVec,
+}
+
+struct StateFamilies {
+    breaker_state: IntGaugeVec,
+    health_success_rate: GaugeVec,
+    health_latency_p95_ms: GaugeVec,
+    registry_extensions_total: IntGaugeVec,
+    registry_sync_total: IntCounterVec,
+    instance_health: IntGaugeVec,
+    rbac_denied_total: IntCounterVec,
+}
+
+/// All router metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    events: EventFamilies,
+    state: StateFamilies,
+    tenants: Mutex<HashSet<String>>,
+    max_tenants: usize,
+    /// Counter values already exported for counters mirrored from elsewhere.
+    mirrored: Mutex<HashMap<String, u64>>,
+    scrape: Mutex<()>,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    pub fn new(config: &MetricsConfig) -> Arc<Metrics> {
+        let r = Registry::new();
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "router_extension_invocation_latency_ms",
+                "Extension call latency in milliseconds, retries included.",
+            )
+            .buckets(LATENCY_BUCKETS_MS.to_vec()),
+            &["extension_id", "type"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(latency.clone()))
+            .expect("metric registered once");
+        let events = EventFamilies {
+            invocation_total: counter(
+                &r,
+                "router_extension_invocation_total",
+                "Extension calls by outcome.",
+                &["extension_id", "type", "status", "tenant_id"],
+            ),
+            invocation_latency_ms: latency,
+            retries_total: counter(
+                &r,
+                "router_extension_retries_total",
+                "Extension calls by number of retries they needed.",
+                &["extension_id", "retry_count"],
+            ),
+            breaker_opened_total: counter(
+                &r,
+                "router_extension_circuit_breaker_opened_total",
+                "Times a circuit breaker opened.",
+                &["extension_id"],
+            ),
+            version_invocation_total: counter(
+                &r,
+                "router_extension_version_invocation_total",
+                "Extension calls by resolved version.",
+                &["extension_id", "version"],
+            ),
+            lb_selection_total: counter(
+                &r,
+                "router_extension_load_balancer_selection_total",
+                "Instance picks by the load balancer.",
+                &["extension_id", "instance_id", "algorithm"],
+            ),
+            payload_too_large_total: counter(
+                &r,
+                "router_extension_payload_too_large_total",
+                "Requests refused for exceeding an extension's payload limit.",
+                &["extension_id"],
+            ),
+            retry_limit_exceeded_total: counter(
+                &r,
+                "router_extension_retry_limit_exceeded_total",
+                "Calls that used every retry and still failed.",
+                &["extension_id"],
+            ),
+        };
+        let state = StateFamilies {
+            breaker_state: int_gauge(
+                &r,
+                "router_extension_circuit_breaker_state",
+                "Circuit breaker state: closed 0, half_open 1, open 2 (one series per extension).",
+                &["extension_id", "state"],
+            ),
+            health_success_rate: gauge(
+                &r,
+                "router_extension_health_success_rate",
+                "Success rate over the health window (1 when idle).",
+                &["extension_id"],
+            ),
+            health_latency_p95_ms: gauge(
+                &r,
+                "router_extension_health_latency_p95_ms",
+                "p95 latency over the health window, milliseconds.",
+                &["extension_id"],
+            ),
+            registry_extensions_total: int_gauge(
+                &r,
+                "router_extension_registry_extensions_total",
+                "Extensions in the serving snapshot.",
+                &["source", "type"],
+            ),
+            registry_sync_total: counter(
+                &r,
+                "router_extension_registry_sync_total",
+                "Registry syncs (reloads) by outcome.",
+                &["status"],
+            ),
+            instance_health: int_gauge(
+                &r,
+                "router_extension_instance_health",
+                "Instances by recorded health status (1 per instance).",
+                &["extension_id", "instance_id", "health_status"],
+            ),
+            rbac_denied_total: counter(
+                &r,
+                "router_rbac_denied_total",
+                "Admin calls refused for a role too small.",
+                &["resource"],
+            ),
+        };
+        // Zero series for the labels every dashboard expects, so rates exist from the start.
+        for s in ["success", "error"] {
+            state.registry_sync_total.with_label_values(&[s]);
+        }
+        Arc::new(Metrics {
+            registry: r,
+            events,
+            state,
+            tenants: Mutex::new(HashSet::new()),
+            max_tenants: config.max_tenants,
+            mirrored: Mutex::new(HashMap::new()),
+            scrape: Mutex::new(()),
+        })
+    }
+
+    /// The tenant label: the tenant itself while under the cap, else `_other`.
+    pub fn tenant_label(&self, tenant: &str) -> String {
+        let mut seen = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(tenant) {
+            return tenant.to_string();
+        }
+        if seen.len() < self.max_tenants {
+            seen.insert(tenant.to_string());
+            return tenant.to_string();
+        }
+        OTHER_TENANT.to_string()
+    }
+
+    /// Adds `now - last exported` to a counter that mirrors a running total.
+    fn mirror(&self, key: String, counter: prometheus::IntCounter, now: u64) {
+        let mut m = self.mirrored.lock().unwrap_or_else(|p| p.into_inner());
+        let last = m.entry(key).or_insert(0);
+        if now > *last {
+            counter.inc_by(now - *last);
+            *last = now;
+        }
+    }
+
+    /// Rebuilds the state families from the live system, then encodes everything.
+    pub fn render(&self, pipeline: &Pipeline, auth: Option<&Authenticator>) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &self.state;
+        let registry = pipeline.registry();
+        let snap = registry.snapshot();
+        let rt = pipeline.runtime();
+        let now = rt.now();
+
+        s.breaker_state.reset();
+        s.health_success_rate.reset();
+        s.health_latency_p95_ms.reset();
+        s.registry_extensions_total.reset();
+        s.instance_health.reset();
+        for ext in snap.list() {
+            let id = ext.id.as_str();
+            let (state, rate, p95) = match rt.existing(id) {
+                Some(x) => {
+                    let h = x.health.snapshot(now);
+                    (x.breaker.state(), h.success_rate, h.p95_latency_ms)
+                }
+                None => (BreakerState::Closed, 1.0, 0.0),
+            };
+            s.breaker_state
+                .with_label_values(&[id, state.as_str()])
+                .set(state.gauge_value());
+            // Counters every extension has from the start (at 0), so rate() and alert
+            // expressions find a series before the first event.
+            let e = &self.events;
+            e.breaker_opened_total.with_label_values(&[id]);
+            e.payload_too_large_total.with_label_values(&[id]);
+            e.retry_limit_exceeded_total.with_label_values(&[id]);
+            s.health_success_rate.with_label_values(&[id]).set(rate);
+            s.health_latency_p95_ms.with_label_values(&[id]).set(p95);
+            for inst in snap.instances(id) {
+                s.instance_health
+                    .with_label_values(&[id, &inst.instance_id, inst.health_status.as_str()])
+                    .set(1);
+                self.events.lb_selection_total.with_label_values(&[
+                    id,
+                    &inst.instance_id,
+                    "weighted_round_robin",
+                ]);
+            }
+        }
+        if snap.source != beamline_registry::ActiveSource::Empty {
+            for (t, n) in snap.count_by_type() {
+                s.registry_extensions_total
+                    .with_label_values(&[snap.source.as_str(), t.as_str()])
+                    .set(n as i64);
+            }
+        }
+        let (ok, failed) = registry.sync_counts();
+        self.mirror(
+            "sync_success".into(),
+            s.registry_sync_total.with_label_values(&["success"]),
+            ok,
+        );
+        self.mirror(
+            "sync_error".into(),
+            s.registry_sync_total.with_label_values(&["error"]),
+            failed,
+        );
+        if let Some(auth) = auth {
+            for resource in crate::auth::RESOURCES {
+                s.rbac_denied_total.with_label_values(&[resource]);
+            }
+            for (resource, n) in auth.denied_counts() {
+                self.mirror(
+                    format!("rbac:{resource}"),
+                    s.rbac_denied_total.with_label_values(&[resource]),
+                    n,
+                );
+            }
+        }
+
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Counts the pipeline's events.
+pub struct MetricsObserver(pub Arc<Metrics>);
+
+impl Observer for MetricsObserver {
+    fn invocation(&self, e: &InvocationEvent<'_>) {
+        let m = &self.0.events;
+        let tenant = self.0.tenant_label(if e.tenant_id.is_empty() {
+            "unknown"
+        } else {
+            e.tenant_id
+        });
+        let labels = InvocationLabels {
+            extension_id: e.extension_id,
+            ext_type: e.ext_type.as_str(),
+            status: e.status,
+            tenant_id: &tenant,
+        };
+        m.invocation_total.with_label_values(&labels.values()).inc();
+        m.invocation_latency_ms
+            .with_label_values(&[e.extension_id, e.ext_type.as_str()])
+            .observe(e.latency.as_secs_f64() * 1000.0);
+        let retries = e.attempts.saturating_sub(1).to_string();
+        m.retries_total
+            .with_label_values(&[e.extension_id, &retries])
+            .inc();
+        m.version_invocation_total
+            .with_label_values(&[e.extension_id, e.version])
+            .inc();
+    }
+
+    fn breaker_transition(&self, extension_id: &str, instance_id: Option<&str>, t: Transition) {
+        if instance_id.is_none() && t.to == BreakerState::Open {
+            self.0
+                .events
+                .breaker_opened_total
+                .with_label_values(&[extension_id])
+                .inc();
+        }
+    }
+
+    fn instance_selected(&self, extension_id: &str, instance_id: &str) {
+        self.0
+            .events
+            .lb_selection_total
+            .with_label_values(&[extension_id, instance_id, "weighted_round_robin"])
+            .inc();
+    }
+
+    fn payload_too_large(&self, extension_id: &str) {
+        self.0
+            .events
+            .payload_too_large_total
+            .with_label_values(&[extension_id])
+            .inc();
+    }
+
+    fn retry_limit_exceeded(&self, extension_id: &str) {
+        self.0
+            .events
+            .retry_limit_exceeded_total
+            .with_label_values(&[extension_id])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_past_the_cap_are_other() {
+        let m = Metrics::new(&MetricsConfig { max_tenants: 2 });
+        assert_eq!(m.tenant_label("a"), "a");
+        assert_eq!(m.tenant_label("b"), "b");
+        assert_eq!(m.tenant_label("c"), OTHER_TENANT);
+        assert_eq!(m.tenant_label("a"), "a");
+    }
+}

@@ -293,6 +293,16 @@ impl Metrics {
             // Counters every extension has from the start (at 0), so rate() and alert
             // expressions find a series before the first event.
             let e = &self.events;
+            let t = ext.ext_type.as_str();
+            for status in ["success", "error", "timeout"] {
+                // tenant_id "" = no tenant: a zero series so error-rate ratios have a
+                // denominator per extension before any tenant called it.
+                e.invocation_total.with_label_values(&[id, t, status, ""]);
+            }
+            e.invocation_latency_ms.with_label_values(&[id, t]);
+            e.retries_total.with_label_values(&[id, "0"]);
+            e.version_invocation_total
+                .with_label_values(&[id, &ext.version]);
             e.breaker_opened_total.with_label_values(&[id]);
             e.payload_too_large_total.with_label_values(&[id]);
             e.retry_limit_exceeded_total.with_label_values(&[id]);

@@ -137,28 +137,37 @@ fn str_field(map: &Map<String, Value>, key: &str) -> Option<String> {
 
 impl MessageUpdate {
     /// Applies the update; field types that do not fit are an invalid reply.
+    /// Applies the update; field types that do not fit are an invalid reply, and then
+    /// the message is left exactly as it was (everything is checked before anything
+    /// is changed).
     pub fn apply(self, message: &mut Message) -> Result<(), ReplyError> {
         match self {
             MessageUpdate::Text(t) => message.payload = t,
             MessageUpdate::Fields(map) => {
+                for (k, v) in &map {
+                    let ok = match k.as_str() {
+                        "payload" | "message_type" => v.is_string(),
+                        "metadata" => v.is_object(),
+                        _ => true,
+                    };
+                    if !ok {
+                        return Err(ReplyError::Invalid(format!(
+                            "payload.{k} must be {}, found {}",
+                            if k == "metadata" {
+                                "an object"
+                            } else {
+                                "a string"
+                            },
+                            json_kind(v)
+                        )));
+                    }
+                }
                 for (k, v) in map {
                     match (k.as_str(), v) {
                         ("payload", Value::String(s)) => message.payload = s,
                         ("message_type", Value::String(s)) => message.message_type = s,
                         ("metadata", Value::Object(m)) => message.metadata = m,
                         // Ids are the router's: an extension cannot re-address a request.
-                        ("message_id" | "tenant_id" | "trace_id", _) => {}
-                        ("payload" | "message_type" | "metadata", other) => {
-                            return Err(ReplyError::Invalid(format!(
-                                "payload.{k} must be {}, found {}",
-                                if k == "metadata" {
-                                    "an object"
-                                } else {
-                                    "a string"
-                                },
-                                json_kind(&other)
-                            )));
-                        }
                         _ => {}
                     }
                 }
@@ -326,6 +335,26 @@ mod tests {
             parse(ExtensionType::Post, json!({})).unwrap(),
             Reply::Transform { message: None, .. }
         ));
+    }
+
+    #[test]
+    fn a_bad_update_changes_nothing() {
+        let mut m = Message {
+            payload: "keep".into(),
+            message_type: "chat".into(),
+            ..Default::default()
+        };
+        let bad: Map<String, Value> = [
+            ("message_type".to_string(), json!("x")),
+            ("metadata".to_string(), json!(5)),
+        ]
+        .into_iter()
+        .collect();
+        assert!(MessageUpdate::Fields(bad).apply(&mut m).is_err());
+        assert_eq!(
+            (m.payload.as_str(), m.message_type.as_str()),
+            ("keep", "chat")
+        );
     }
 
     #[test]

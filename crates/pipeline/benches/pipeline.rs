@@ -21,6 +21,10 @@ use beamline_registry::{Registry, RegistryConfig, SourceMode};
 use beamline_sdk::{ExtensionError, Handler, Response, ServeOptions};
 use serde_json::{Map, json};
 
+/// The allocator the router binary uses, so the bench measures what ships.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Counting(Arc<AtomicU64>);
 
 impl Handler for Counting {
@@ -153,12 +157,23 @@ async fn run(quick: bool) {
         Limits::default(),
     );
 
-    // The body the pipeline sends for step e1, so the raw baseline moves the same bytes.
+    // The body the pipeline sends for step e1 (same message, same context keys), so
+    // the raw baseline moves the same bytes and the echo service parses the same JSON.
+    let context: Map<String, serde_json::Value> = [
+        ("tenant_id", "bench"),
+        ("policy_id", "one"),
+        ("request_id", "bench"),
+        ("trace_id", "t"),
+        ("message_type", "chat"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), json!(v)))
+    .collect();
     let body = serde_json::to_vec(&ExtensionRequest {
         trace_id: "t".into(),
         tenant_id: "bench".into(),
         payload: request("hello world", "one").message,
-        metadata: Map::new(),
+        metadata: context,
         config: Map::new(),
     })
     .unwrap();

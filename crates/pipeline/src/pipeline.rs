@@ -182,6 +182,13 @@ struct Inner {
     limits: Limits,
 }
 
+/// What `executed_extensions` records of a call, apart from its outcome.
+struct StepMeta {
+    latency: Duration,
+    version: Option<String>,
+    instance: Option<String>,
+}
+
 /// One step's result, before the stage decides what it means.
 struct StepRun {
     outcome: Result<Reply, InvokeError>,
@@ -704,7 +711,7 @@ impl Pipeline {
         dry_run: bool,
         executed: &mut Vec<ExecutedExtension>,
     ) -> Result<(), DecideError> {
-        let record = |status, run: Option<&StepRun>, error: Option<String>| ExecutedExtension {
+        let record = |status, run: Option<&StepMeta>, error: Option<String>| ExecutedExtension {
             ext_type,
             id: id.to_string(),
             status,
@@ -722,26 +729,34 @@ impl Pipeline {
                 snapshot, policy, ext_type, id, config, ctx, message, deadline,
             )
             .await;
-        let applied = match &run.outcome {
+        let StepRun {
+            outcome,
+            latency,
+            version,
+            instance,
+        } = run;
+        let run = StepMeta {
+            latency,
+            version,
+            instance,
+        };
+        // Applied in place: `apply` checks everything before it changes anything.
+        let applied = match outcome {
             Ok(Reply::Transform {
                 message: update,
                 metadata,
-            }) => {
-                let mut next = message.clone();
-                let r = match update.clone() {
-                    Some(u) => u
-                        .apply(&mut next)
-                        .map_err(|e| InvokeError::InvalidReply(e.to_string())),
-                    None => Ok(()),
-                };
-                r.map(|()| (next, metadata.clone()))
-            }
+            }) => match update {
+                Some(u) => u
+                    .apply(message)
+                    .map(|()| metadata)
+                    .map_err(|e| InvokeError::InvalidReply(e.to_string())),
+                None => Ok(metadata),
+            },
             Ok(_) => Err(InvokeError::InvalidReply("unexpected reply shape".into())),
-            Err(e) => Err(e.clone()),
+            Err(e) => Err(e),
         };
         match applied {
-            Ok((next, metadata)) => {
-                *message = next;
+            Ok(metadata) => {
                 for (k, v) in metadata {
                     if !RESERVED_CONTEXT_KEYS.contains(&k.as_str()) {
                         ctx.insert(k, v);

@@ -283,7 +283,7 @@ impl Metrics {
             let (state, rate, p95) = match rt.existing(id) {
                 Some(x) => {
                     let h = x.health.snapshot(now);
-                    (x.breaker.state(), h.success_rate, h.p95_latency_ms)
+                    (rt.effective_state(id), h.success_rate, h.p95_latency_ms)
                 }
                 None => (BreakerState::Closed, 1.0, 0.0),
             };

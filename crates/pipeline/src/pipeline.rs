@@ -550,7 +550,9 @@ impl Pipeline {
         }
 
         let rt = self.inner.runtime.extension(id);
-        let breaker = self.inner.runtime.breaker_for(policy, id);
+        let routed_version =
+            (entry.base.version != resolved.version).then_some(resolved.version.as_str());
+        let breaker = self.inner.runtime.breaker_for(policy, id, routed_version);
         let now = self.inner.runtime.now();
         let (permit, transition) = match breaker.try_acquire(now) {
             Ok(p) => p,

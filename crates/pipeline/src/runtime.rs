@@ -107,6 +107,7 @@ pub struct RuntimeTable {
     extensions: CowMap<ExtensionRuntime>,
     instance_breakers: CowMap<Breaker>,
     policy_breakers: CowMap<Breaker>,
+    version_breakers: CowMap<Breaker>,
     breaker_config: BreakerConfig,
     health_window: Duration,
 }
@@ -119,6 +120,7 @@ impl RuntimeTable {
             extensions: CowMap::default(),
             instance_breakers: CowMap::default(),
             policy_breakers: CowMap::default(),
+            version_breakers: CowMap::default(),
             breaker_config,
             health_window,
         }
@@ -164,23 +166,59 @@ impl RuntimeTable {
             .get_or_insert_with(&key, || Breaker::build(self.breaker_config.clone()))
     }
 
-    /// The breaker guarding `extension_id` for calls made under `policy`: the
-    /// extension's own, or — when the policy overrides breaker settings — one shared
-    /// only by that policy's calls (keyed by the settings, so an edited policy starts
-    /// with a fresh breaker).
-    pub fn breaker_for(&self, policy: &beamline_model::Policy, extension_id: &str) -> Arc<Breaker> {
-        match &policy.document.circuit_breaker {
-            None => self.extension(extension_id).breaker.clone(),
-            Some(overrides) => {
+    /// The breaker guarding `extension_id` for calls made under `policy` to `version`.
+    ///
+    /// The base version uses the extension's own breaker; a routed version (a canary)
+    /// has a breaker of its own, so a failing v2 cannot cut off the tenants still on v1.
+    /// A policy that overrides breaker settings gets breakers of its own too (keyed by
+    /// the settings, so an edited policy starts with a fresh breaker).
+    pub fn breaker_for(
+        &self,
+        policy: &beamline_model::Policy,
+        extension_id: &str,
+        version: Option<&str>,
+    ) -> Arc<Breaker> {
+        match (&policy.document.circuit_breaker, version) {
+            (None, None) => self.extension(extension_id).breaker.clone(),
+            (None, Some(v)) => {
+                let key = format!("{extension_id}\u{1f}{v}");
+                self.version_breakers
+                    .get_or_insert_with(&key, || Breaker::build(self.breaker_config.clone()))
+            }
+            (Some(overrides), v) => {
                 let config = self.breaker_config.with_overrides(overrides);
                 let key = format!(
-                    "{}\u{1f}{}\u{1f}{extension_id}\u{1f}{config:?}",
-                    policy.tenant_id, policy.policy_id
+                    "{}\u{1f}{}\u{1f}{extension_id}\u{1f}{}\u{1f}{config:?}",
+                    policy.tenant_id,
+                    policy.policy_id,
+                    v.unwrap_or("")
                 );
                 self.policy_breakers
                     .get_or_insert_with(&key, || Breaker::build(config))
             }
         }
+    }
+
+    /// The state operators see for an extension: the worst of its own breaker and
+    /// its versions' breakers (open > half_open > closed).
+    pub fn effective_state(&self, extension_id: &str) -> crate::breaker::BreakerState {
+        use crate::breaker::BreakerState as S;
+        let rank = |s: S| match s {
+            S::Closed => 0,
+            S::HalfOpen => 1,
+            S::Open => 2,
+        };
+        let prefix = format!("{extension_id}\u{1f}");
+        let mut worst = self
+            .existing(extension_id)
+            .map(|x| x.breaker.state())
+            .unwrap_or(S::Closed);
+        for (key, b) in self.version_breakers.entries() {
+            if key.starts_with(&prefix) && rank(b.state()) > rank(worst) {
+                worst = b.state();
+            }
+        }
+        worst
     }
 
     /// Closes every breaker guarding `extension_id` (its own, its instances', and
@@ -199,6 +237,11 @@ impl RuntimeTable {
                 changed.extend(b.reset());
             }
         }
+        for (key, b) in self.version_breakers.entries() {
+            if key.starts_with(&instance_prefix) {
+                changed.extend(b.reset());
+            }
+        }
         changed
     }
 
@@ -210,7 +253,8 @@ impl RuntimeTable {
     /// Health of one extension (an extension never called reports empty health).
     pub fn health_of(&self, id: &str, now: Instant) -> ExtensionHealth {
         let rt = self.extension(id);
-        let breaker = rt.breaker.snapshot(now);
+        let mut breaker = rt.breaker.snapshot(now);
+        breaker.state = self.effective_state(id);
         ExtensionHealth {
             extension_id: id.to_string(),
             health: rt.health.snapshot(now),

@@ -218,3 +218,48 @@ async fn a_policy_can_override_breaker_settings_with_breakers_of_its_own() {
     h.pipeline.decide(h.request("x")).await.unwrap();
     assert_eq!(hits.load(Ordering::Relaxed), 4);
 }
+
+/// A canary version that fails opens its own breaker: tenants still on the base
+/// version keep being served, and operators see the extension as open.
+#[tokio::test]
+async fn a_failing_canary_version_does_not_cut_off_the_base_version() {
+    let mut h = Harness::new(
+        json!([{"id": "n", "type": "pre", "subject": "{p}.n.v1", "timeout_ms": 1000,
+                "versions": [{"version": "v2", "subject": "{p}.n.v2", "routing_rules": {"tenant_id": ["premium"]}}]}]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "n"}]}),
+    )
+    .await;
+    std::fs::create_dir_all(h.dir.path().join("policies/default")).unwrap();
+    std::fs::copy(
+        h.dir.path().join("policies/acme/default.json"),
+        h.dir.path().join("policies/default/default.json"),
+    )
+    .unwrap();
+    h.pipeline.registry().reload().await.unwrap();
+    h.serve("n.v1", Tag("v1")).await;
+    h.serve("n.v2", Fail).await;
+    for _ in 0..5 {
+        assert!(
+            h.pipeline
+                .decide(h.request_for("premium", "x"))
+                .await
+                .is_err()
+        );
+    }
+    let e = h
+        .pipeline
+        .decide(h.request_for("premium", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code,
+        ErrorCode::ExtensionUnavailable,
+        "v2's breaker is open"
+    );
+    let d = h.pipeline.decide(h.request_for("acme", "x")).await.unwrap();
+    assert_eq!(d.message.payload, "x+v1", "v1 tenants are unaffected");
+    let rt = h.pipeline.runtime();
+    assert_eq!(rt.health_of("n", rt.now()).circuit_breaker_state, "open");
+    assert!(!rt.reset_breakers("n").is_empty());
+    assert_eq!(rt.effective_state("n"), BreakerState::Closed);
+}

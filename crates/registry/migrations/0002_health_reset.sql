@@ -19,7 +19,13 @@ BEGIN
     IF coalesce(current_setting('beamline.writer', true), '') <> 'router'
        AND NEW.circuit_breaker_state = 'closed' THEN
         NEW.manual_reset_at := clock_timestamp();
-        NEW.updated_by := coalesce(NEW.updated_by, current_user);
+        -- Who reset it: the writer's own value when it set one (`breaker reset` writes
+        -- the API key's name), else the database user behind the SQL.
+        IF TG_OP = 'INSERT' THEN
+            NEW.updated_by := coalesce(NEW.updated_by, 'sql:' || current_user);
+        ELSIF NEW.updated_by IS NOT DISTINCT FROM OLD.updated_by THEN
+            NEW.updated_by := 'sql:' || current_user;
+        END IF;
     END IF;
     RETURN NEW;
 END;

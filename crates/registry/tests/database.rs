@@ -182,3 +182,78 @@ async fn migrate_is_idempotent_and_test_connection_answers() {
         "an empty registry is still a loaded one"
     );
 }
+
+/// Routers' own writes never count as resets; the runbook's SQL and `breaker reset`
+/// do, and say who made them.
+#[tokio::test]
+async fn manual_resets_are_recognised_and_attributed() {
+    use beamline_registry::health_store::{self, HealthRow};
+    let (_db, pool) = seeded().await;
+    let row = |state: &str| HealthRow {
+        extension_id: "normalize_text".into(),
+        success_delta: 3,
+        failure_delta: 5,
+        last_success: None,
+        last_failure: Some(chrono::Utc::now()),
+        avg_latency_ms: Some(1.0),
+        p50_latency_ms: Some(1.0),
+        p95_latency_ms: Some(2.0),
+        p99_latency_ms: Some(3.0),
+        circuit_breaker_state: state.into(),
+        circuit_breaker_opened_at: None,
+        failure_threshold: 5,
+        error_rate_threshold: 0.5,
+        open_timeout_ms: 60_000,
+        half_open_max_requests: 3,
+    };
+    health_store::upsert(&pool, "test", "router-a:1", &[row("closed")])
+        .await
+        .unwrap();
+    health_store::upsert(&pool, "test", "router-b:2", &[row("open")])
+        .await
+        .unwrap();
+    assert!(
+        health_store::manual_resets(&pool, "test")
+            .await
+            .unwrap()
+            .is_empty(),
+        "router writes are not resets"
+    );
+    let (s, f, by): (i64, i64, String) =
+        sqlx::query_as("SELECT success_count, failure_count, updated_by FROM extension_health WHERE extension_id = 'normalize_text'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (s, f, by.as_str()),
+        (6, 10, "router-b:2"),
+        "counts add up across routers"
+    );
+
+    sqlx::raw_sql("UPDATE extension_health\nSET circuit_breaker_state = 'closed',\n    circuit_breaker_opened_at = NULL\nWHERE extension_id = 'normalize_text';")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let resets = health_store::manual_resets(&pool, "test").await.unwrap();
+    assert_eq!(resets.len(), 1);
+    let by: String = sqlx::query_scalar(
+        "SELECT updated_by FROM extension_health WHERE extension_id = 'normalize_text'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(by, "sql:postgres");
+
+    health_store::request_reset(&pool, "test", "normalize_text", "alice")
+        .await
+        .unwrap();
+    let again = health_store::manual_resets(&pool, "test").await.unwrap();
+    assert!(again[0].1 > resets[0].1, "a new reset is a new timestamp");
+    let by: String = sqlx::query_scalar(
+        "SELECT updated_by FROM extension_health WHERE extension_id = 'normalize_text'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(by, "alice");
+}

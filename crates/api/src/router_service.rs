@@ -168,6 +168,9 @@ impl Router for RouterService {
         &self,
         request: Request<proto::RouteRequest>,
     ) -> Result<Response<proto::RouteDecision>, Status> {
+        if let Some(auth) = &self.auth {
+            auth.authorize(request.metadata(), crate::auth::Role::Viewer, "decide")?;
+        }
         let req = decide_request(request.into_inner())?;
         match self.pipeline.decide(req).await {
             Ok(d) => Ok(Response::new(route_decision(d))),

@@ -356,3 +356,80 @@ async fn health_and_reflection_need_no_key() {
         "descriptor lacks the method"
     );
 }
+
+#[tokio::test]
+async fn decide_needs_a_key_only_when_configured() {
+    use beamline_api::proto::router_client::RouterClient;
+    let db = TestDatabase::create().await;
+    assert!(
+        bin()
+            .args(["migrate", "--database-url", db.url()])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    sqlx::raw_sql(SEED).execute(&db.pool().await).await.unwrap();
+    let nats = NatsServer::start();
+    let request = || proto::RouteRequest {
+        message: Some(proto::Message {
+            tenant_id: "acme".into(),
+            payload: b"x".to_vec(),
+            ..Default::default()
+        }),
+        policy_id: "missing".into(),
+        ..Default::default()
+    };
+    for (required, dir) in [
+        (false, tempfile::tempdir().unwrap()),
+        (true, tempfile::tempdir().unwrap()),
+    ] {
+        let extra = if required {
+            "\n[admin]\ndecide_requires_key = true\n"
+        } else {
+            ""
+        };
+        // `[admin]` must come before the `[[admin.api_keys]]` tables in TOML.
+        let config = write_config(dir.path(), db.url(), &nats.url(), "");
+        if required {
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(
+                &config,
+                text.replacen(
+                    "[[admin.api_keys]]",
+                    &format!("{extra}\n[[admin.api_keys]]"),
+                    1,
+                ),
+            )
+            .unwrap();
+        }
+        let router = start(&config);
+        let mut c = RouterClient::connect(router.addr.clone()).await.unwrap();
+        let anonymous = c.decide(request()).await.unwrap_err();
+        let with_key = c
+            .decide(req(
+                request(),
+                Some(("authorization", format!("Bearer {VIEWER_KEY}"))),
+            ))
+            .await
+            .unwrap_err();
+        // The policy does not exist: a call that passed auth says policy_not_found.
+        assert!(
+            with_key.message().starts_with("policy_not_found"),
+            "{with_key:?}"
+        );
+        if required {
+            assert_eq!(
+                anonymous.code(),
+                Code::Unauthenticated,
+                "{anonymous:?}\n{}",
+                std::fs::read_to_string(&config).unwrap()
+            );
+        } else {
+            assert!(
+                anonymous.message().starts_with("policy_not_found"),
+                "{anonymous:?}"
+            );
+        }
+    }
+}

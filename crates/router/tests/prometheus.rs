@@ -152,7 +152,7 @@ async fn runbook_promql_and_alerts_on_real_series() {
 INSERT INTO extensions (id, type, subject, timeout_ms, retry) VALUES
  ('good', 'pre', 'prom.good', 1000, 0),
  ('broken', 'pre', 'prom.broken', 1000, 0),
- ('slow', 'post', 'prom.slow', 100, 0),
+ ('slow', 'post', 'prom.slow', 100, 1),
  ('spare', 'validator', 'prom.spare', 1000, 0);
 INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default',
  '{"providers": [{"name": "p"}], "pre": [{"id": "good"}, {"id": "broken", "mode": "optional"}], "post": [{"id": "slow", "mode": "optional"}]}');
@@ -253,12 +253,43 @@ INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default'
             "extension_id",
         );
         let slow = p["slow"];
+        // Two attempts of 100 ms each (retry 1), plus a jittered backoff.
         assert!(
-            (100.0..=200.0).contains(&slow),
+            (200.0..=500.0).contains(&slow),
             "p{q} of slow = {slow} ({p:?})"
         );
         assert!(p["good"] < 25.0, "p{q} of good = {} ({p:?})", p["good"]);
     }
+    // Average latency and retry rate per extension.
+    let avg = by_label(
+        &query(
+            &prom,
+            "sum(rate(router_extension_invocation_latency_ms_sum[5m])) by (extension_id) /\nsum(rate(router_extension_invocation_latency_ms_count[5m])) by (extension_id)",
+        ),
+        "extension_id",
+    );
+    assert!(avg["slow"] >= 200.0 && avg["good"] < 10.0, "{avg:?}");
+    let retry = by_label(
+        &query(
+            &prom,
+            "sum(rate(router_extension_retries_total{retry_count!=\"0\"}[5m])) by (extension_id) /\nsum(rate(router_extension_retries_total[5m])) by (extension_id)",
+        ),
+        "extension_id",
+    );
+    assert_eq!(
+        retry.get("slow"),
+        Some(&1.0),
+        "every slow call retried once: {retry:?}"
+    );
+    assert!(!retry.contains_key("good"), "{retry:?}");
+    let p95_gauge = by_label(
+        &query(&prom, "router_extension_health_latency_p95_ms > 100"),
+        "extension_id",
+    );
+    assert!(
+        p95_gauge.contains_key("slow") && !p95_gauge.contains_key("good"),
+        "{p95_gauge:?}"
+    );
     // Open circuits: broken and slow.
     let open = query(
         &prom,
@@ -282,6 +313,16 @@ INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default'
         "sum(rate(router_extension_registry_sync_total{status=\"success\"}[5m])) /\nsum(rate(router_extension_registry_sync_total[5m]))",
     );
     assert_eq!(sync[0]["value"][1], "1", "{sync:?}");
+    let total = query(&prom, "sum(router_extension_registry_extensions_total)");
+    assert_eq!(total[0]["value"][1], "4");
+    let by_source = by_label(
+        &query(
+            &prom,
+            "sum(router_extension_registry_extensions_total) by (source)",
+        ),
+        "source",
+    );
+    assert_eq!(by_source.get("database"), Some(&4.0), "{by_source:?}");
     let by_type = by_label(
         &query(
             &prom,
@@ -348,6 +389,7 @@ INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default'
     );
     assert!(fires("ExtensionSuccessRateLow", "broken"), "{firing:?}");
     assert!(fires("ExtensionLatencyHighP95", "slow"), "{firing:?}");
+    assert!(fires("ExtensionLatencyHighP99", "slow"), "{firing:?}");
     assert!(
         !firing.iter().any(|(_, e)| e == "good"),
         "nothing fires for the healthy extension: {firing:?}"

@@ -65,6 +65,12 @@ pub enum InvokeError {
     Deadline,
     #[error("NATS error: {0}")]
     Transport(String),
+    /// The router's NATS connection is down: nothing is sent, the call fails at once.
+    #[error("the router is not connected to NATS")]
+    NatsDown,
+    /// The extension already has `max_in_flight_per_extension` calls in flight.
+    #[error("too many calls in flight to this extension ({0}); refused without sending")]
+    Overloaded(usize),
 }
 
 impl InvokeError {
@@ -72,9 +78,10 @@ impl InvokeError {
     pub fn code(&self) -> ErrorCode {
         match self {
             InvokeError::Timeout { .. } => ErrorCode::ExtensionTimeout,
-            InvokeError::NoResponders { .. } | InvokeError::CircuitOpen => {
-                ErrorCode::ExtensionUnavailable
-            }
+            InvokeError::NoResponders { .. }
+            | InvokeError::CircuitOpen
+            | InvokeError::NatsDown
+            | InvokeError::Overloaded(_) => ErrorCode::ExtensionUnavailable,
             InvokeError::NotFound => ErrorCode::ExtensionNotFound,
             InvokeError::WrongType { .. } | InvokeError::RequestTooLarge(_) => {
                 ErrorCode::InvalidRequest
@@ -99,7 +106,10 @@ impl InvokeError {
     pub fn fallback_status(&self) -> &'static str {
         match self {
             InvokeError::Timeout { .. } | InvokeError::Deadline => "timeout",
-            InvokeError::NoResponders { .. } | InvokeError::CircuitOpen => "unavailable",
+            InvokeError::NoResponders { .. }
+            | InvokeError::CircuitOpen
+            | InvokeError::NatsDown
+            | InvokeError::Overloaded(_) => "unavailable",
             _ => "5xx",
         }
     }
@@ -110,6 +120,8 @@ impl InvokeError {
         !matches!(
             self,
             InvokeError::CircuitOpen
+                | InvokeError::NatsDown
+                | InvokeError::Overloaded(_)
                 | InvokeError::Disabled
                 | InvokeError::NotFound
                 | InvokeError::WrongType { .. }
@@ -204,6 +216,17 @@ impl Invoker {
                     InvokeError::Timeout { attempts }
                 });
             };
+            if !matches!(
+                self.client.connection_state(),
+                async_nats::connection::State::Connected
+            ) {
+                // Queuing into a dead connection would only wait out the timeout.
+                break Err(if attempts == 0 {
+                    InvokeError::NatsDown
+                } else {
+                    InvokeError::Timeout { attempts }
+                });
+            }
             attempts += 1;
             let request = async_nats::Request::new()
                 .payload(call.body.clone())

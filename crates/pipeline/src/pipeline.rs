@@ -37,6 +37,9 @@ use crate::runtime::{CowMap, RuntimeTable};
 pub struct PipelineConfig {
     /// Budget of a request that carries no `deadline`, milliseconds.
     pub default_request_timeout_ms: u64,
+    /// Calls in flight to one extension at most (the bulkhead); more fail at once
+    /// with `extension_unavailable`, sending nothing.
+    pub max_in_flight_per_extension: usize,
     #[serde(flatten)]
     pub invoker: InvokerConfig,
 }
@@ -45,6 +48,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             default_request_timeout_ms: 30_000,
+            max_in_flight_per_extension: crate::runtime::DEFAULT_MAX_IN_FLIGHT,
             invoker: InvokerConfig::default(),
         }
     }
@@ -209,7 +213,8 @@ impl Pipeline {
             inner: Arc::new(Inner {
                 invoker: Invoker::new(client, config.invoker.clone(), limits.clone()),
                 registry,
-                runtime: RuntimeTable::new(breaker),
+                runtime: RuntimeTable::new(breaker)
+                    .with_max_in_flight(config.max_in_flight_per_extension),
                 providers: CowMap::default(),
                 observer: Arc::new(NoopObserver),
                 config,
@@ -223,7 +228,8 @@ impl Pipeline {
         let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|arc| Inner {
             registry: arc.registry.clone(),
             invoker: arc.invoker.clone(),
-            runtime: RuntimeTable::new(arc.runtime.breaker_config().clone()),
+            runtime: RuntimeTable::new(arc.runtime.breaker_config().clone())
+                .with_max_in_flight(arc.config.max_in_flight_per_extension),
             providers: CowMap::default(),
             observer: arc.observer.clone(),
             config: arc.config.clone(),
@@ -278,12 +284,7 @@ impl Pipeline {
             context,
         } = request;
         let tenant_id = message.tenant_id.clone();
-        if tenant_id.is_empty() {
-            return Err(DecideError::new(
-                ErrorCode::InvalidRequest,
-                "message.tenant_id is required",
-            ));
-        }
+        check_request_ids(&message, &policy_id)?;
         let policy_id = if policy_id.is_empty() {
             "default".to_string()
         } else {
@@ -565,6 +566,16 @@ impl Pipeline {
         if let Some(t) = transition {
             self.breaker_changed(id, None, t);
         }
+        // The bulkhead: a full extension refuses at once (the permit, dropped unused,
+        // gives back a half-open probe slot without counting as an outcome).
+        let Ok(_in_flight) = rt.in_flight.clone().try_acquire_owned() else {
+            drop(permit);
+            let mut run = fail(InvokeError::Overloaded(
+                self.inner.config.max_in_flight_per_extension,
+            ));
+            run.version = Some(resolved.version.clone());
+            return run;
+        };
 
         // Instances serve the base version; a routed version is reached on its own subject.
         let base_version = entry.base.version == resolved.version;
@@ -1058,6 +1069,41 @@ impl Pipeline {
     }
 }
 
+/// Ids a caller sends end up in NATS headers, log lines and metric labels: they must
+/// be printable ASCII without spaces (and bounded), or the request is refused.
+fn check_request_ids(message: &Message, policy_id: &str) -> Result<(), DecideError> {
+    let printable = |s: &str| s.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    let check = |field: &str, value: &str, required: bool, max: usize| -> Result<(), DecideError> {
+        if value.is_empty() {
+            return if required {
+                Err(DecideError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("{field} is required"),
+                ))
+            } else {
+                Ok(())
+            };
+        }
+        if value.len() > max || !printable(value) {
+            return Err(DecideError::new(
+                ErrorCode::InvalidRequest,
+                format!("{field} must be 1 to {max} printable ASCII characters without spaces"),
+            )
+            .detail("field", field.to_string()));
+        }
+        Ok(())
+    };
+    check("message.tenant_id", &message.tenant_id, true, 255)?;
+    check("message.trace_id", &message.trace_id, false, 128)?;
+    check("message.message_id", &message.message_id, false, 255)?;
+    check("message.message_type", &message.message_type, false, 128)?;
+    if !policy_id.is_empty() {
+        beamline_model::extension::check_id("policy_id", policy_id)
+            .map_err(|e| DecideError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// Maps a required step's failure to the request's error.
 fn step_error(
     e: &InvokeError,
@@ -1067,9 +1113,10 @@ fn step_error(
 ) -> DecideError {
     let code = match e {
         InvokeError::Timeout { .. } => ErrorCode::ExtensionTimeout,
-        InvokeError::CircuitOpen | InvokeError::NoResponders { .. } => {
-            ErrorCode::ExtensionUnavailable
-        }
+        InvokeError::CircuitOpen
+        | InvokeError::NoResponders { .. }
+        | InvokeError::NatsDown
+        | InvokeError::Overloaded(_) => ErrorCode::ExtensionUnavailable,
         InvokeError::NotFound => ErrorCode::ExtensionNotFound,
         InvokeError::WrongType { .. } | InvokeError::RequestTooLarge(_) => {
             ErrorCode::InvalidRequest

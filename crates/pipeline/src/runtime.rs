@@ -69,6 +69,10 @@ pub struct ExtensionRuntime {
     pub breaker: Arc<Breaker>,
     pub health: Health,
     pub balancer: SmoothWrr,
+    /// The bulkhead: calls in flight to this extension are bounded, so one slow
+    /// extension cannot pile up unbounded waiting calls (memory, NATS inboxes) at the
+    /// expense of the others.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Health and breaker of one extension, as operators see it (`health get`).
@@ -110,7 +114,11 @@ pub struct RuntimeTable {
     version_breakers: CowMap<Breaker>,
     breaker_config: BreakerConfig,
     health_window: Duration,
+    max_in_flight: usize,
 }
+
+/// Default bound of calls in flight per extension.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
 
 impl RuntimeTable {
     pub fn new(breaker_config: BreakerConfig) -> RuntimeTable {
@@ -123,7 +131,14 @@ impl RuntimeTable {
             version_breakers: CowMap::default(),
             breaker_config,
             health_window,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
+    }
+
+    /// Sets the per-extension bound of calls in flight (before first use).
+    pub fn with_max_in_flight(mut self, n: usize) -> RuntimeTable {
+        self.max_in_flight = n.max(1);
+        self
     }
 
     /// The pipeline's notion of now (the real clock plus any test offset).
@@ -152,6 +167,7 @@ impl RuntimeTable {
             breaker: Breaker::new(self.breaker_config.clone()),
             health: Health::new(self.health_window),
             balancer: SmoothWrr::new(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)),
         })
     }
 

@@ -106,6 +106,17 @@ pub fn load_dir(dir: &Path, policies_dir: Option<&Path>) -> Result<Dataset, Regi
     Ok(data)
 }
 
+/// Parses the text of one extension fixture file named `name` (the fuzz target and
+/// tools use this; loading a folder goes through [`load_dir`]).
+pub fn parse_str(name: &str, text: &str) -> Result<Dataset, RegistryError> {
+    let mut data = Dataset::default();
+    parse_extension_file(text, &mut data, |item| Origin::Builtin {
+        name: name.to_string(),
+        item,
+    })?;
+    Ok(data)
+}
+
 /// The fixtures compiled into the binary.
 pub fn load_builtin(with_policies: bool) -> Result<Dataset, RegistryError> {
     let mut data = Dataset::default();

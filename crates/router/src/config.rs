@@ -237,6 +237,12 @@ impl Config {
                 "must not exceed retry_backoff_max_ms".into(),
             ));
         }
+        if p.max_in_flight_per_extension == 0 {
+            return Err((
+                "pipeline.max_in_flight_per_extension".into(),
+                "must be at least 1".into(),
+            ));
+        }
         if p.invoker.max_reply_bytes == 0 {
             return Err((
                 "pipeline.max_reply_bytes".into(),

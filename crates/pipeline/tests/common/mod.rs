@@ -58,6 +58,30 @@ impl Harness {
         breaker: BreakerConfig,
         limits: Limits,
     ) -> Harness {
+        let config = PipelineConfig {
+            invoker: fast_invoker(),
+            ..PipelineConfig::default()
+        };
+        Self::custom(
+            extensions,
+            policy,
+            breaker,
+            limits,
+            config,
+            &beamline_test_support::nats_url(),
+        )
+        .await
+    }
+
+    /// Full control: pipeline settings and the NATS server to use.
+    pub async fn custom(
+        extensions: Value,
+        policy: Value,
+        breaker: BreakerConfig,
+        limits: Limits,
+        config: PipelineConfig,
+        nats_url: &str,
+    ) -> Harness {
         let prefix = format!(
             "t{}x{}",
             std::process::id(),
@@ -83,13 +107,11 @@ impl Harness {
         .await
         .unwrap();
         assert!(registry.is_loaded(), "{:?}", registry.status().last_error);
-        let client = async_nats::connect(beamline_test_support::nats_url())
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(nats_url)
             .await
-            .expect("NATS at NATS_URL");
-        let config = PipelineConfig {
-            invoker: fast_invoker(),
-            ..PipelineConfig::default()
-        };
+            .expect("NATS");
         let pipeline = Pipeline::new(registry, client.clone(), config, breaker, limits);
         Harness {
             pipeline,

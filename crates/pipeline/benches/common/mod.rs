@@ -1,0 +1,106 @@
+//! Shared by the `memory` and `curves` benches (not a bench target itself).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use beamline_model::{ExtensionRecord, InstanceRecord, VersionRecord};
+use beamline_registry::Origin;
+use beamline_registry::dataset::{Dataset, Sourced};
+use serde_json::json;
+
+/// The id of extension `i` (`ext_00042`).
+pub fn ext_id(i: usize) -> String {
+    format!("ext_{i:05}")
+}
+
+/// `n` extensions shaped like the P3/P4 dataset of `crates/registry/benches/registry.rs`:
+/// two versions each (one routed to a tenant list, one disabled by rules
+/// `{"tenant_id": []}`) and one instance each.
+pub fn dataset(n: usize) -> Dataset {
+    let origin = || Origin::Builtin {
+        name: "bench".into(),
+        item: None,
+    };
+    let mut d = Dataset::default();
+    for i in 0..n {
+        let id = ext_id(i);
+        d.extensions.push(Sourced {
+            origin: origin(),
+            value: ExtensionRecord {
+                id: id.clone(),
+                ext_type: ["pre", "validator", "post", "provider"][i % 4].into(),
+                subject: format!("beamline.ext.pre.{id}.v1"),
+                timeout_ms: 100,
+                retry: 1,
+                enabled: true,
+                version: "v1".into(),
+                config: json!({"max_length": 1000}),
+                metadata: json!({"description": "bench"}),
+            },
+        });
+        for (v, rules) in [
+            (
+                "v2",
+                json!({"tenant_id": ["premium_tenant", "standard_tenant"]}),
+            ),
+            ("v3", json!({"tenant_id": []})),
+        ] {
+            d.versions.push(Sourced {
+                origin: origin(),
+                value: VersionRecord {
+                    id: id.clone(),
+                    version: v.into(),
+                    subject: format!("beamline.ext.pre.{id}.{v}"),
+                    timeout_ms: 150,
+                    retry: 1,
+                    config: json!({}),
+                    metadata: json!({}),
+                    routing_rules: rules,
+                    enabled: true,
+                    created_at: None,
+                },
+            });
+        }
+        d.instances.push(Sourced {
+            origin: origin(),
+            value: InstanceRecord {
+                extension_id: id.clone(),
+                instance_id: "i1".into(),
+                subject: format!("beamline.ext.pre.{id}.v1"),
+                weight: 100,
+                enabled: true,
+                health_status: "healthy".into(),
+            },
+        });
+    }
+    d
+}
+
+/// Resident set size of this process in bytes (`/proc/self/statm`, second field,
+/// times the page size).
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|f| f.parse().ok())
+        .expect("statm resident field");
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(1) as u64
+}
+
+/// Mebibytes.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The `p` quantile (0..=1) of sorted samples, nearest rank.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}

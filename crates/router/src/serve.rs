@@ -2,7 +2,7 @@
 //! task, connect to NATS, build the pipeline, serve gRPC and the NATS intake, run
 //! until SIGINT or SIGTERM, stop cleanly (intake first, then in-flight work).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use beamline_api::router_service::RouterService;
@@ -44,6 +44,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .connect(config.nats.url.expose())
         .await
         .with_context(|| format!("cannot use NATS at {}", config.nats.url.redacted()))?;
+    // Give the first connection a moment, so requests right after start do not fail
+    // for a connection that is about to exist; past that, start anyway (calls fail
+    // fast with extension_unavailable until NATS is there).
+    let connecting = Instant::now();
+    while !matches!(
+        nats.connection_state(),
+        async_nats::connection::State::Connected
+    ) && connecting.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !matches!(
+        nats.connection_state(),
+        async_nats::connection::State::Connected
+    ) {
+        tracing::warn!(nats = %config.nats.url.redacted(), "NATS is not reachable yet; extension calls fail fast until it is");
+    }
 
     let metrics = beamline_api::metrics::Metrics::new(&config.metrics);
     let pipeline = Pipeline::new(

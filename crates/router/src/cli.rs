@@ -34,6 +34,9 @@ pub struct GlobalArgs {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// PEM CA certificate to verify the router's TLS certificate (with an https:// --addr).
+    #[arg(long, global = true, env = "BEAMLINE_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -62,12 +62,64 @@ impl Default for NatsConfig {
 pub struct GrpcConfig {
     /// Address the gRPC server binds.
     pub listen: SocketAddr,
+    /// PEM certificate chain: set it (with `tls_key_file`) to serve gRPC over TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+        }
+    }
+}
+
+impl GrpcConfig {
+    /// The TLS settings, reading the files now so a bad path stops the start.
+    pub fn tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, (String, String)> {
+        let read = |key: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                (
+                    format!("grpc.{key}"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })
+        };
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => {
+                if self.tls_client_ca_file.is_some() {
+                    return Err((
+                        "grpc.tls_client_ca_file".into(),
+                        "needs tls_cert_file and tls_key_file".into(),
+                    ));
+                }
+                Ok(None)
+            }
+            (Some(cert), Some(key)) => {
+                let identity = tonic::transport::Identity::from_pem(
+                    read("tls_cert_file", cert)?,
+                    read("tls_key_file", key)?,
+                );
+                let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+                if let Some(ca) = &self.tls_client_ca_file {
+                    tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
+                        "tls_client_ca_file",
+                        ca,
+                    )?));
+                }
+                Ok(Some(tls))
+            }
+            _ => Err((
+                "grpc.tls_cert_file".into(),
+                "tls_cert_file and tls_key_file go together".into(),
+            )),
         }
     }
 }
@@ -250,6 +302,7 @@ impl Config {
             ));
         }
         self.admin.validate()?;
+        self.grpc.tls()?;
         if self.metrics.max_tenants == 0 {
             return Err(("metrics.max_tenants".into(), "must be at least 1".into()));
         }

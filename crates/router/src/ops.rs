@@ -37,14 +37,32 @@ impl Admin {
             addr: global.addr.clone(),
             reason,
         };
-        let endpoint = Channel::from_shared(global.addr.clone())
+        let mut endpoint = Channel::from_shared(global.addr.clone())
             .map_err(|e| unreachable(format!("invalid address: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(60));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        if global.addr.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = &global.tls_ca {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| anyhow::anyhow!("cannot read --tls-ca {}: {e}", ca.display()))?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| unreachable(format!("TLS: {e}")))?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| {
+            // The useful part (refused, TLS name mismatch, unknown CA) is in the sources.
+            let mut reason = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                reason.push_str(": ");
+                reason.push_str(&s.to_string());
+                source = s.source();
+            }
+            unreachable(reason)
+        })?;
         let key = match &global.api_key {
             None => None,
             Some(k) => Some(k.parse().map_err(|_| {

@@ -109,6 +109,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         router_service,
         beamline_api::admin_service::AdminService::new(pipeline.clone(), auth.clone()),
         health_service,
+        config
+            .grpc
+            .tls()
+            .map_err(|(key, message)| crate::config::ConfigError::Invalid { key, message })?,
         shutdown.clone(),
     ));
     // extension_health: written every sync interval and at shutdown, manual resets

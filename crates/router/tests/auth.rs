@@ -8,7 +8,9 @@ use beamline_api::proto;
 use beamline_api::proto::router_admin_client::RouterAdminClient;
 use beamline_test_support::{NatsServer, TestDatabase};
 use common::*;
+use std::process::Command;
 use tonic::transport::Channel;
+
 use tonic::{Code, Request};
 
 #[derive(Clone, Copy, Debug)]
@@ -432,4 +434,130 @@ async fn decide_needs_a_key_only_when_configured() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn grpc_over_tls_with_the_cli() {
+    let db = TestDatabase::create().await;
+    assert!(
+        bin()
+            .args(["migrate", "--database-url", db.url()])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    let (cert, key, ca) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(
+        dir.path().join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for args in [
+        // A test CA, then a server certificate it signs.
+        [
+            &[
+                "req",
+                "-x509",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=beamline-test-ca",
+            ][..],
+            &ec[..],
+            &["-keyout", &p("ca.key"), "-out", &p("ca.pem")][..],
+        ]
+        .concat(),
+        [
+            &["req", "-subj", "/CN=localhost"][..],
+            &ec[..],
+            &["-keyout", &p("key.pem"), "-out", &p("leaf.csr")][..],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &p("leaf.csr"),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &p("leaf.ext"),
+            "-out",
+            &p("cert.pem"),
+        ],
+    ] {
+        let ok = Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl");
+        assert!(
+            ok.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
+    let config = write_config(dir.path(), db.url(), &nats.url(), "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "[grpc]\nlisten = \"127.0.0.1:0\"",
+        &format!(
+            "[grpc]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let router = start(&config);
+    let tls_addr = router.addr.replace("http://", "https://");
+    let out = bin()
+        .args(["--addr", &tls_addr, "--tls-ca"])
+        .arg(&ca)
+        .args([
+            "--api-key",
+            VIEWER_KEY,
+            "--output",
+            "json",
+            "registry",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plaintext to a TLS listener does not get through.
+    let plain = bin()
+        .args([
+            "--addr",
+            &router.addr,
+            "--api-key",
+            VIEWER_KEY,
+            "registry",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
 }

@@ -226,3 +226,164 @@ async fn hostile_ids_are_refused_before_anything_is_sent() {
     );
     assert_eq!(hits.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+/// Fails every other call.
+struct HalfTheTime(std::sync::atomic::AtomicU64);
+
+impl Handler for HalfTheTime {
+    async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        if self.0.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+            Err(ExtensionError::new("flaky", "every other call fails"))
+        } else {
+            Ok(Response::unchanged())
+        }
+    }
+}
+
+/// An extension failing half the time: every request is answered, with success or a
+/// documented code, and the error-rate rule of the breaker trips once the window has
+/// enough calls.
+#[tokio::test]
+async fn an_extension_failing_half_the_time() {
+    let breaker = BreakerConfig {
+        min_calls: 10,
+        ..BreakerConfig::default()
+    };
+    let config = PipelineConfig {
+        invoker: fast_invoker(),
+        ..PipelineConfig::default()
+    };
+    let mut h = Harness::custom(
+        json!([ext("f", "pre", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "f"}]}),
+        breaker,
+        Limits::default(),
+        config,
+        &beamline_test_support::nats_url(),
+    )
+    .await;
+    h.serve("f", HalfTheTime(std::sync::atomic::AtomicU64::new(0)))
+        .await;
+    let (mut ok, mut failed, mut refused) = (0, 0, 0);
+    for _ in 0..40 {
+        match h.pipeline.decide(h.request("x")).await {
+            Ok(_) => ok += 1,
+            Err(e) if e.code == ErrorCode::PreProcessorFailed => failed += 1,
+            Err(e) if e.code == ErrorCode::ExtensionUnavailable => refused += 1,
+            Err(e) => panic!("undocumented outcome: {e}"),
+        }
+    }
+    assert!(
+        ok >= 4 && failed >= 5,
+        "ok {ok}, failed {failed}, refused {refused}"
+    );
+    assert!(
+        refused > 0,
+        "a 50 % error rate over ≥ 10 calls opens the breaker"
+    );
+}
+
+/// A storm of registry writes while requests flow: every request is answered with
+/// success or a documented code, and the router ends on the last committed state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_registry_writes_during_load() {
+    use beamline_model::SecretUrl;
+    use beamline_registry::{Registry, RegistryConfig, SourceMode};
+    use beamline_test_support::TestDatabase;
+    let db = TestDatabase::create().await;
+    let pool = db.pool().await;
+    beamline_registry::database::migrate(&pool, "test")
+        .await
+        .unwrap();
+    let prefix = format!("storm{}", std::process::id());
+    sqlx::query(
+        "INSERT INTO extensions (id, type, subject, timeout_ms) VALUES ('s', 'pre', $1, 1000)",
+    )
+    .bind(format!("{prefix}.s"))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('acme', 'default', '{\"providers\": [{\"name\": \"p\"}], \"pre\": [{\"id\": \"s\"}]}')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let registry = Registry::start(
+        RegistryConfig {
+            source: SourceMode::Database,
+            database_url: Some(SecretUrl::new(db.url())),
+            ..RegistryConfig::default()
+        },
+        Limits::default(),
+    )
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sync = registry.spawn_sync(stop.clone());
+    let client = async_nats::connect(beamline_test_support::nats_url())
+        .await
+        .unwrap();
+    let _ext = beamline_sdk::spawn(
+        client.clone(),
+        &format!("{prefix}.s"),
+        Tag("s"),
+        ServeOptions::default(),
+    )
+    .await
+    .unwrap();
+    let pipeline = beamline_pipeline::Pipeline::new(
+        registry.clone(),
+        client,
+        PipelineConfig {
+            invoker: fast_invoker(),
+            ..PipelineConfig::default()
+        },
+        BreakerConfig::default(),
+        Limits::default(),
+    );
+    let load = {
+        let p = pipeline.clone();
+        tokio::spawn(async move {
+            let mut outcomes = (0, 0);
+            for _ in 0..300 {
+                let r = beamline_pipeline::DecideRequest {
+                    request_id: "r".into(),
+                    message: beamline_model::wire::Message {
+                        tenant_id: "acme".into(),
+                        payload: "x".into(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                match p.decide(r).await {
+                    Ok(_) => outcomes.0 += 1,
+                    Err(e) if e.code == ErrorCode::PreProcessorFailed => outcomes.1 += 1,
+                    Err(e) => panic!("undocumented outcome during the storm: {e}"),
+                }
+            }
+            outcomes
+        })
+    };
+    for i in 0..200 {
+        // Flip enabled and the timeout; every write is a valid record.
+        sqlx::query("UPDATE extensions SET timeout_ms = $1, enabled = $2 WHERE id = 's'")
+            .bind(100 + i)
+            .bind(i % 10 != 9)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let (ok, disabled) = load.await.unwrap();
+    assert_eq!(ok + disabled, 300);
+    assert!(ok > 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registry.snapshot().lookup("s").unwrap().timeout_ms != 299 {
+        assert!(Instant::now() < deadline, "the last write never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !registry.snapshot().lookup("s").unwrap().enabled,
+        "the last write (i = 199) disabled it"
+    );
+    stop.cancel();
+    sync.await.unwrap();
+}

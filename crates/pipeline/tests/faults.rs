@@ -232,7 +232,7 @@ struct HalfTheTime(std::sync::atomic::AtomicU64);
 
 impl Handler for HalfTheTime {
     async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
-        if self.0.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+        if self.0.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
             Err(ExtensionError::new("flaky", "every other call fails"))
         } else {
             Ok(Response::unchanged())

@@ -153,10 +153,30 @@ pub async fn serve(
     max_in_flight: usize,
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    let mut sub = client
+    let sub = subscribe(&client).await?;
+    serve_subscription(pipeline, client, sub, max_in_flight, shutdown).await
+}
+
+/// Subscribes to the intake (queue group) and waits until the server has it, so a
+/// router that announces itself is already reachable on the intake.
+pub async fn subscribe(
+    client: &async_nats::Client,
+) -> Result<async_nats::Subscriber, async_nats::Error> {
+    let sub = client
         .queue_subscribe(DECIDE_SUBJECT.to_string(), QUEUE_GROUP.to_string())
         .await?;
     client.flush().await?;
+    Ok(sub)
+}
+
+/// Answers requests arriving on `sub` until `shutdown`, then drains.
+pub async fn serve_subscription(
+    pipeline: Pipeline,
+    client: async_nats::Client,
+    mut sub: async_nats::Subscriber,
+    max_in_flight: usize,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
     loop {
         let msg = tokio::select! {

@@ -135,12 +135,35 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(auth.clone()),
         shutdown.clone(),
     ));
-    let intake = tokio::spawn(beamline_api::nats_intake::serve(
-        pipeline.clone(),
-        nats.clone(),
-        INTAKE_MAX_IN_FLIGHT,
-        shutdown.clone(),
-    ));
+    // Subscribed before the start line, so the intake answers from then on (if NATS
+    // is not up yet, the subscription is made when it connects).
+    let intake_sub = match tokio::time::timeout(
+        Duration::from_secs(5),
+        beamline_api::nats_intake::subscribe(&nats),
+    )
+    .await
+    {
+        Ok(Ok(sub)) => Some(sub),
+        Ok(Err(e)) => anyhow::bail!("cannot subscribe to the NATS intake: {e}"),
+        Err(_) => None,
+    };
+    let intake = {
+        let (pipeline, nats, shutdown) = (pipeline.clone(), nats.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let sub = match intake_sub {
+                Some(sub) => sub,
+                None => beamline_api::nats_intake::subscribe(&nats).await?,
+            };
+            beamline_api::nats_intake::serve_subscription(
+                pipeline,
+                nats,
+                sub,
+                INTAKE_MAX_IN_FLIGHT,
+                shutdown,
+            )
+            .await
+        })
+    };
 
     let status = registry.status();
     tracing::info!(

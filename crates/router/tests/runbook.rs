@@ -46,7 +46,7 @@ async fn ext(router: &Router, id: &str) -> Value {
     router.json(Some(VIEWER_KEY), &["ext", "get", id])
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runbook_procedures_through_the_cli_and_sql() {
     let (db, pool, nats, dir) = setup().await;
     let config = write_config(dir.path(), db.url(), &nats.url(), "");
@@ -425,6 +425,7 @@ async fn runbook_procedures_through_the_cli_and_sql() {
     .fetch_one(&pool)
     .await
     .unwrap();
+    drop(client);
     assert!(router.terminate().success());
     let after: i64 = sqlx::query_scalar(
         "SELECT failure_count FROM extension_health WHERE extension_id = 'normalize_text'",

@@ -6,7 +6,7 @@ mod common;
 
 use beamline_api::proto;
 use beamline_api::proto::router_admin_client::RouterAdminClient;
-use beamline_test_support::{NatsServer, TestDatabase};
+use beamline_test_support::NatsServer;
 use common::*;
 use std::process::Command;
 use tonic::transport::Channel;
@@ -184,15 +184,7 @@ async fn call(
 
 #[tokio::test]
 async fn every_role_against_every_method() {
-    let db = TestDatabase::create().await;
-    assert!(
-        bin()
-            .args(["migrate", "--database-url", db.url()])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let db = migrated_database().await;
     let pool = db.pool().await;
     sqlx::raw_sql(SEED).execute(&pool).await.unwrap();
     let nats = NatsServer::start();
@@ -276,15 +268,7 @@ async fn health_and_reflection_need_no_key() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-    let db = TestDatabase::create().await;
-    assert!(
-        bin()
-            .args(["migrate", "--database-url", db.url()])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let db = migrated_database().await;
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let router = start(&write_config(dir.path(), db.url(), &nats.url(), ""));
@@ -362,15 +346,7 @@ async fn health_and_reflection_need_no_key() {
 #[tokio::test]
 async fn decide_needs_a_key_only_when_configured() {
     use beamline_api::proto::router_client::RouterClient;
-    let db = TestDatabase::create().await;
-    assert!(
-        bin()
-            .args(["migrate", "--database-url", db.url()])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let db = migrated_database().await;
     sqlx::raw_sql(SEED).execute(&db.pool().await).await.unwrap();
     let nats = NatsServer::start();
     let request = || proto::RouteRequest {
@@ -438,15 +414,7 @@ async fn decide_needs_a_key_only_when_configured() {
 
 #[tokio::test]
 async fn grpc_over_tls_with_the_cli() {
-    let db = TestDatabase::create().await;
-    assert!(
-        bin()
-            .args(["migrate", "--database-url", db.url()])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let db = migrated_database().await;
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let p = |f: &str| dir.path().join(f).display().to_string();

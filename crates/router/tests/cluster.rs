@@ -30,15 +30,7 @@ INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default'
 "#;
 
 async fn setup() -> (TestDatabase, sqlx::PgPool, NatsServer) {
-    let db = TestDatabase::create().await;
-    assert!(
-        bin()
-            .args(["migrate", "--database-url", db.url()])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let db = migrated_database().await;
     let pool = db.pool().await;
     sqlx::raw_sql(CLUSTER_SEED).execute(&pool).await.unwrap();
     (db, pool, NatsServer::start())

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
-use beamline_test_support::{NatsServer, TestDatabase};
+use beamline_test_support::NatsServer;
 use common::*;
 use serde_json::Value;
 
@@ -159,15 +159,7 @@ async fn the_dashboard_parses_and_names_only_exported_metrics() {
     }
 
     // A running router exports every one of them.
-    let db = TestDatabase::create().await;
-    assert!(
-        bin()
-            .args(["migrate", "--database-url", db.url()])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let db = migrated_database().await;
     sqlx::raw_sql(SEED).execute(&db.pool().await).await.unwrap();
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ mod common;
 use beamline_api::proto;
 use beamline_api::proto::router_admin_client::RouterAdminClient;
 use beamline_api::proto::router_client::RouterClient;
-use beamline_test_support::{NatsServer, TestDatabase};
+use beamline_test_support::NatsServer;
 use common::*;
 
 fn series<'a>(page: &'a str, name: &str) -> Vec<&'a str> {
@@ -39,15 +39,7 @@ fn request(tenant: &str, text: &str) -> proto::RouteRequest {
 
 #[tokio::test]
 async fn metrics_follow_what_happens() {
-    let db = TestDatabase::create().await;
-    assert!(
-        bin()
-            .args(["migrate", "--database-url", db.url()])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let db = migrated_database().await;
     let pool = db.pool().await;
     sqlx::raw_sql(SEED).execute(&pool).await.unwrap();
     let nats = NatsServer::start();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use beamline_api::proto;
 use beamline_api::proto::router_client::RouterClient;
 use beamline_sdk::{ExtensionError, ExtensionRequest, Handler, Response, ServeOptions};
-use beamline_test_support::{NatsServer, TestDatabase, free_port};
+use beamline_test_support::{NatsServer, free_port};
 use common::*;
 use serde_json::Value;
 
@@ -137,15 +137,7 @@ fn start_prometheus(router_http: &str) -> (Prometheus, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runbook_promql_and_alerts_on_real_series() {
-    let db = TestDatabase::create().await;
-    assert!(
-        bin()
-            .args(["migrate", "--database-url", db.url()])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    );
+    let db = migrated_database().await;
     let pool = db.pool().await;
     sqlx::raw_sql(
         r#"

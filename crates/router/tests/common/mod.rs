@@ -195,6 +195,21 @@ impl Router {
     }
 }
 
+/// A fresh database migrated by the real binary (`beamline-router migrate`).
+pub async fn migrated_database() -> beamline_test_support::TestDatabase {
+    let db = beamline_test_support::TestDatabase::create().await;
+    let out = bin()
+        .args(["migrate", "--database-url", db.url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    db
+}
+
 /// Polls until `f` is true (or panics with `what` after `secs`).
 pub async fn wait_until(secs: u64, what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);

@@ -178,9 +178,7 @@ impl Limits {
             ));
         }
         self.check_json_shape(value).map_err(|e| e.within(field))?;
-        let size = serde_json::to_vec(value)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        let size = json_len(value);
         if size > self.max_metadata_bytes {
             return Err(ValidationError::new(
                 field,

@@ -284,7 +284,7 @@ impl Pipeline {
             context,
         } = request;
         let tenant_id = message.tenant_id.clone();
-        check_request_ids(&message, &policy_id)?;
+        check_request_ids(&request_id, &message, &policy_id)?;
         let policy_id = if policy_id.is_empty() {
             "default".to_string()
         } else {
@@ -1071,7 +1071,7 @@ impl Pipeline {
 
 /// Ids a caller sends end up in NATS headers, log lines and metric labels: they must
 /// be printable ASCII without spaces (and bounded), or the request is refused.
-fn check_request_ids(message: &Message, policy_id: &str) -> Result<(), DecideError> {
+fn check_request_ids(request_id: &str, message: &Message, policy_id: &str) -> Result<(), DecideError> {
     let printable = |s: &str| s.bytes().all(|b| (0x21..=0x7e).contains(&b));
     let check = |field: &str, value: &str, required: bool, max: usize| -> Result<(), DecideError> {
         if value.is_empty() {
@@ -1093,6 +1093,7 @@ fn check_request_ids(message: &Message, policy_id: &str) -> Result<(), DecideErr
         }
         Ok(())
     };
+    check("request_id", request_id, false, 255)?;
     check("message.tenant_id", &message.tenant_id, true, 255)?;
     check("message.trace_id", &message.trace_id, false, 128)?;
     check("message.message_id", &message.message_id, false, 255)?;

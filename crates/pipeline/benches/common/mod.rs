@@ -91,9 +91,9 @@ pub fn rss_bytes() -> u64 {
     pages * page.max(1) as u64
 }
 
-/// Mebibytes.
-pub fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
+/// Megabytes (10^6 bytes, the unit of DESIGN.md's P7 goal).
+pub fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
 }
 
 /// The `p` quantile (0..=1) of sorted samples, nearest rank.

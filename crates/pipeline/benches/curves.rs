@@ -16,6 +16,8 @@
 //! `cargo bench -p beamline-pipeline --bench curves -- [--quick] [--out DIR]
 //! [--only decide,reload,lookup] [--sizes 1000,10000] [--steps 1,4]
 //! [--concurrency 1,64]` (default DIR: the workspace's target/bench-curves).
+//! `BENCH_RUN_SECONDS=N` changes the length of each Decide point (default 3 s, quick
+//! 0.8 s); `BENCH_SERIES=1` prints the completions of every second of each point.
 
 mod common;
 

@@ -1071,7 +1071,11 @@ impl Pipeline {
 
 /// Ids a caller sends end up in NATS headers, log lines and metric labels: they must
 /// be printable ASCII without spaces (and bounded), or the request is refused.
-fn check_request_ids(request_id: &str, message: &Message, policy_id: &str) -> Result<(), DecideError> {
+fn check_request_ids(
+    request_id: &str,
+    message: &Message,
+    policy_id: &str,
+) -> Result<(), DecideError> {
     let printable = |s: &str| s.bytes().all(|b| (0x21..=0x7e).contains(&b));
     let check = |field: &str, value: &str, required: bool, max: usize| -> Result<(), DecideError> {
         if value.is_empty() {

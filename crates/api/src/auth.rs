@@ -129,7 +129,6 @@ struct KeyEntry {
 /// The configured keys, ready to check requests.
 pub struct Authenticator {
     keys: Vec<KeyEntry>,
-    decide_requires_key: bool,
     denied: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -161,13 +160,8 @@ impl Authenticator {
             .collect();
         Authenticator {
             keys,
-            decide_requires_key: config.decide_requires_key,
             denied: Mutex::new(BTreeMap::new()),
         }
-    }
-
-    pub fn decide_requires_key(&self) -> bool {
-        self.decide_requires_key
     }
 
     fn presented(metadata: &MetadataMap) -> Option<String> {

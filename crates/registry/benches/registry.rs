@@ -18,6 +18,10 @@ use beamline_registry::{ActiveSource, Origin, Registry, RegistryConfig, Snapshot
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::json;
 
+/// The allocator the router binary ships with, so P4 measures what runs in production.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const N: usize = 10_000;
 
 fn origin() -> Origin {

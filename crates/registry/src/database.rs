@@ -10,9 +10,34 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use crate::config::RegistryConfig;
 use crate::dataset::{Dataset, PolicyRecord, Sourced};
 use crate::error::{Origin, RegistryError};
+use crate::snapshot::ChangeSet;
 
 /// Channel the registry triggers notify on after every committed change.
 pub const NOTIFY_CHANNEL: &str = "beamline_registry";
+
+/// Most keys a router re-reads one by one after a NOTIFY; past this, one full
+/// reload is cheaper than the keyed reads.
+pub const MAX_CHANGED_KEYS: usize = 1024;
+
+/// Whether a `beamline_registry` payload is one the registry's triggers send (a
+/// table name, with the keys in `registry_changes`). Anything else — a hand-written
+/// `NOTIFY beamline_registry, 'reload'` — asks for a full reload.
+pub fn is_logged_change(payload: &str) -> bool {
+    matches!(
+        payload,
+        "extensions" | "extension_versions" | "extension_instances" | "policies"
+    )
+}
+
+/// What changed since a position, as read from `registry_changes`.
+#[derive(Debug)]
+pub enum Changes {
+    /// Some change must be read whole (a TRUNCATE, a statement over 256 keys, more
+    /// than [`MAX_CHANGED_KEYS`] keys in all): do a full reload.
+    Everything,
+    /// These keys changed; `Dataset` holds their records as of `Dataset::position`.
+    Keys(ChangeSet, Dataset),
+}
 
 /// The embedded schema migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -73,41 +98,146 @@ type PolicyRow = (String, String, Value, bool);
 /// the state before and after a concurrent change.
 pub async fn load(pool: &PgPool, database: &str) -> Result<Dataset, RegistryError> {
     let err = |e| RegistryError::from_sqlx(database, e);
+    let mut tx = begin_read(pool, database).await?;
+    let data = read(&mut tx, database, None).await?;
+    tx.commit().await.map_err(err)?;
+    Ok(data)
+}
+
+/// In one REPEATABLE READ transaction, the keys of every transaction committed since
+/// `since` (a [`Dataset::position`]) and their records now: applied to the state read
+/// at `since`, they give exactly the database's state at the new position.
+pub async fn load_changes_since(
+    pool: &PgPool,
+    database: &str,
+    since: &str,
+) -> Result<Changes, RegistryError> {
+    let err = |e| RegistryError::from_sqlx(database, e);
+    let mut tx = begin_read(pool, database).await?;
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT DISTINCT table_name, key FROM registry_changes \
+         WHERE NOT pg_visible_in_snapshot(xid, $1::pg_snapshot)",
+    )
+    .bind(since)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(err)?;
+    let mut changes = ChangeSet::default();
+    for (table, key) in rows {
+        let Some(key) = key else {
+            return Ok(Changes::Everything);
+        };
+        match table.as_str() {
+            "policies" => changes.tenants.insert(key),
+            _ => changes.extensions.insert(key),
+        };
+    }
+    if changes.len() > MAX_CHANGED_KEYS {
+        return Ok(Changes::Everything);
+    }
+    let data = read(&mut tx, database, Some(&changes)).await?;
+    tx.commit().await.map_err(err)?;
+    Ok(Changes::Keys(changes, data))
+}
+
+async fn begin_read(
+    pool: &PgPool,
+    database: &str,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, RegistryError> {
+    let err = |e| RegistryError::from_sqlx(database, e);
     let mut tx = pool.begin().await.map_err(err)?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await
         .map_err(err)?;
-    let extensions: Vec<ExtensionRow> = sqlx::query_as(
-        "SELECT id, type, subject, timeout_ms, retry, enabled, version, config, metadata \
-         FROM extensions ORDER BY id",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(err)?;
-    let versions: Vec<VersionRow> = sqlx::query_as(
-        "SELECT id, version, subject, timeout_ms, retry, config, metadata, routing_rules, \
-         enabled, created_at FROM extension_versions ORDER BY id, version",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(err)?;
-    let instances: Vec<InstanceRow> = sqlx::query_as(
-        "SELECT extension_id, instance_id, subject, weight, enabled, health_status \
-         FROM extension_instances ORDER BY extension_id, instance_id",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(err)?;
-    let policies: Vec<PolicyRow> = sqlx::query_as(
-        "SELECT tenant_id, policy_id, policy, enabled FROM policies ORDER BY tenant_id, policy_id",
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(err)?;
-    tx.commit().await.map_err(err)?;
+    Ok(tx)
+}
+
+/// Deletes `registry_changes` rows older than an hour. Returns how many.
+pub async fn prune_changes(pool: &PgPool, database: &str) -> Result<i64, RegistryError> {
+    sqlx::query_scalar("SELECT beamline_registry_prune_changes()")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| RegistryError::from_sqlx(database, e))
+}
+
+// Each read as two statements, all rows and some keys, so the keyed one is planned
+// as an index scan rather than under a generic plan that must also serve the full
+// read.
+const EXTENSIONS_SQL: [&str; 2] = [
+    "SELECT id, type, subject, timeout_ms, retry, enabled, version, config, metadata \
+     FROM extensions ORDER BY id",
+    "SELECT id, type, subject, timeout_ms, retry, enabled, version, config, metadata \
+     FROM extensions WHERE id = ANY($1) ORDER BY id",
+];
+const VERSIONS_SQL: [&str; 2] = [
+    "SELECT id, version, subject, timeout_ms, retry, config, metadata, routing_rules, \
+     enabled, created_at FROM extension_versions ORDER BY id, version",
+    "SELECT id, version, subject, timeout_ms, retry, config, metadata, routing_rules, \
+     enabled, created_at FROM extension_versions WHERE id = ANY($1) ORDER BY id, version",
+];
+const INSTANCES_SQL: [&str; 2] = [
+    "SELECT extension_id, instance_id, subject, weight, enabled, health_status \
+     FROM extension_instances ORDER BY extension_id, instance_id",
+    "SELECT extension_id, instance_id, subject, weight, enabled, health_status \
+     FROM extension_instances WHERE extension_id = ANY($1) ORDER BY extension_id, instance_id",
+];
+const POLICIES_SQL: [&str; 2] = [
+    "SELECT tenant_id, policy_id, policy, enabled FROM policies ORDER BY tenant_id, policy_id",
+    "SELECT tenant_id, policy_id, policy, enabled FROM policies WHERE tenant_id = ANY($1) \
+     ORDER BY tenant_id, policy_id",
+];
+
+/// Reads every record, or only those of the keys in `only`, inside `tx`.
+async fn read(
+    tx: &mut sqlx::PgConnection,
+    database: &str,
+    only: Option<&ChangeSet>,
+) -> Result<Dataset, RegistryError> {
+    let err = |e| RegistryError::from_sqlx(database, e);
+    let (ids, tenants): (Vec<&str>, Vec<&str>) = match only {
+        None => (Vec::new(), Vec::new()),
+        Some(c) => (
+            c.extensions.iter().map(String::as_str).collect(),
+            c.tenants.iter().map(String::as_str).collect(),
+        ),
+    };
+    let keyed = usize::from(only.is_some());
+    let position: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+    let mut extensions: Vec<ExtensionRow> = Vec::new();
+    let mut versions: Vec<VersionRow> = Vec::new();
+    let mut instances: Vec<InstanceRow> = Vec::new();
+    let mut policies: Vec<PolicyRow> = Vec::new();
+    if only.is_none() || !ids.is_empty() {
+        let mut q = sqlx::query_as(EXTENSIONS_SQL[keyed]);
+        if only.is_some() {
+            q = q.bind(&ids);
+        }
+        extensions = q.fetch_all(&mut *tx).await.map_err(err)?;
+        let mut q = sqlx::query_as(VERSIONS_SQL[keyed]);
+        if only.is_some() {
+            q = q.bind(&ids);
+        }
+        versions = q.fetch_all(&mut *tx).await.map_err(err)?;
+        let mut q = sqlx::query_as(INSTANCES_SQL[keyed]);
+        if only.is_some() {
+            q = q.bind(&ids);
+        }
+        instances = q.fetch_all(&mut *tx).await.map_err(err)?;
+    }
+    if only.is_none() || !tenants.is_empty() {
+        let mut q = sqlx::query_as(POLICIES_SQL[keyed]);
+        if only.is_some() {
+            q = q.bind(&tenants);
+        }
+        policies = q.fetch_all(&mut *tx).await.map_err(err)?;
+    }
 
     let mut data = Dataset {
+        position: Some(position),
         extensions: Vec::with_capacity(extensions.len()),
         versions: Vec::with_capacity(versions.len()),
         instances: Vec::with_capacity(instances.len()),

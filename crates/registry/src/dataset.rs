@@ -25,6 +25,10 @@ pub struct PolicyRecord {
 /// One consistent read of a source.
 #[derive(Debug, Clone, Default)]
 pub struct Dataset {
+    /// Where in the database's history the read was taken: the text of
+    /// `pg_current_snapshot()` in the reading transaction. Lets the next read ask
+    /// only for what changed since (see migration 0003). `None` for fixtures.
+    pub position: Option<String>,
     pub extensions: Vec<Sourced<ExtensionRecord>>,
     pub versions: Vec<Sourced<VersionRecord>>,
     pub instances: Vec<Sourced<InstanceRecord>>,

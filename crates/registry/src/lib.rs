@@ -29,4 +29,4 @@ pub use config::{RegistryConfig, SourceMode};
 pub use dataset::Dataset;
 pub use error::{ErrorKind, Origin, RegistryError};
 pub use registry::{DbState, Registry, RegistryStatus, ReloadReport, Trigger};
-pub use snapshot::{ActiveSource, Counts, ExtensionEntry, Snapshot};
+pub use snapshot::{ActiveSource, ChangeSet, Counts, ExtensionEntry, Snapshot};

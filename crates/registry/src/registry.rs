@@ -1,6 +1,11 @@
 //! The running registry: the current snapshot behind one atomic pointer, reloads, and
 //! the sync task (periodic resync plus LISTEN/NOTIFY).
 //!
+//! A NOTIFY from the registry's triggers is answered by [`Registry::sync_changes`]:
+//! only the records changed since the current snapshot's database position are read
+//! again (migration 0003's change log) and every other entry is shared with the
+//! current snapshot; anything else is a full reload.
+//!
 //! Readers call [`Registry::snapshot`] (one atomic load, never a lock, never a wait for
 //! a reload). Writers — reloads from any trigger — are serialised by one async mutex;
 //! each builds a whole new snapshot off to the side and swaps it in only if it
@@ -75,6 +80,9 @@ pub struct ReloadReport {
     pub warnings: Vec<String>,
     /// Set when `auto` fell back to fixtures; says why.
     pub fallback_reason: Option<String>,
+    /// Set when only what changed since the last read was read again: how many
+    /// extension and tenant keys. `None` for a full reload.
+    pub changed_keys: Option<usize>,
 }
 
 /// Everything `registry status` shows.
@@ -238,6 +246,72 @@ impl Registry {
     /// Reloads from the current source, swapping the snapshot only on success.
     pub async fn reload_with(&self, trigger: Trigger) -> Result<ReloadReport, RegistryError> {
         let _serial = self.inner.reload_lock.lock().await;
+        self.reload_locked(trigger).await
+    }
+
+    /// Reads only what changed in the database since the current snapshot's
+    /// position (migration 0003's `registry_changes`) and swaps in a snapshot that
+    /// shares every other entry with the current one — what a NOTIFY costs,
+    /// independent of the registry's size, and still exactly the database's state at
+    /// one instant. Falls back to a full reload when there is nothing to patch (the
+    /// current snapshot is not from the database, or older than the change log keeps),
+    /// when a change must be read whole, or when the change log cannot be read.
+    pub async fn sync_changes(&self, trigger: Trigger) -> Result<ReloadReport, RegistryError> {
+        let _serial = self.inner.reload_lock.lock().await;
+        let (config, limits, pool) = {
+            let s = self.read_settings();
+            (s.config.clone(), s.limits.clone(), s.pool.clone())
+        };
+        let current = self.inner.snapshot.load_full();
+        let fresh = Utc::now().signed_duration_since(current.loaded_at) < CHANGE_LOG_TRUST;
+        let (Some(pool), Some(since), true, true) = (
+            pool,
+            current.position.as_deref(),
+            config.uses_database() && current.source == ActiveSource::Database,
+            fresh,
+        ) else {
+            return self.reload_locked(trigger).await;
+        };
+        let started = Instant::now();
+        let database = config.database_display();
+        let result = database::load_changes_since(&pool, &database, since).await;
+        self.note_db_result(&result);
+        let (changes, data) = match result {
+            Ok(database::Changes::Keys(changes, data)) => (changes, data),
+            Ok(database::Changes::Everything) => return self.reload_locked(trigger).await,
+            Err(e) if e.kind() != ErrorKind::Unreachable => {
+                // A schema without the change log (migrations not applied yet), or an
+                // error worth reporting through the full reload's own path.
+                tracing::debug!(error = %e, "Extension Registry cannot read registry_changes; reloading fully");
+                return self.reload_locked(trigger).await;
+            }
+            Err(e) => return self.finish(trigger, &config, started, Err(e), Some(0)),
+        };
+        if changes.is_empty() {
+            // Nothing the registry serves changed (our own notification raced a sync
+            // that already read it): the current snapshot is still exact.
+            return Ok(self.report_of(&current, Some(0)));
+        }
+        let generation = self.inner.generation.load(Ordering::Relaxed) + 1;
+        let built = current
+            .apply_changes(data, &changes, &limits, generation)
+            .map(|s| (s, None));
+        self.finish(trigger, &config, started, built, Some(changes.len()))
+    }
+
+    fn report_of(&self, snapshot: &Snapshot, changed_keys: Option<usize>) -> ReloadReport {
+        ReloadReport {
+            generation: snapshot.generation,
+            source: snapshot.source,
+            counts: snapshot.counts,
+            duration_ms: 0.0,
+            warnings: snapshot.warnings.clone(),
+            fallback_reason: None,
+            changed_keys,
+        }
+    }
+
+    async fn reload_locked(&self, trigger: Trigger) -> Result<ReloadReport, RegistryError> {
         let started = Instant::now();
         let (config, limits, pool) = {
             let s = self.read_settings();
@@ -248,14 +322,28 @@ impl Registry {
             let generation = self.inner.generation.load(Ordering::Relaxed) + 1;
             Snapshot::build(data, &limits, source, generation).map(|s| (s, fallback_reason))
         });
+        self.finish(trigger, &config, started, built, None)
+    }
+
+    /// Swaps in a built snapshot and records the sync, or records why there is none.
+    fn finish(
+        &self,
+        trigger: Trigger,
+        config: &RegistryConfig,
+        started: Instant,
+        built: Result<(Snapshot, Option<String>), RegistryError>,
+        changed_keys: Option<usize>,
+    ) -> Result<ReloadReport, RegistryError> {
         let elapsed = started.elapsed();
         let now = Utc::now();
         match built {
             Ok((mut snapshot, fallback_reason)) => {
                 snapshot.load_duration = elapsed;
                 snapshot.loaded_at = now;
-                for w in &snapshot.warnings {
-                    tracing::warn!(warning = %w, "policy references a missing or mistyped extension");
+                if changed_keys.is_none() {
+                    for w in &snapshot.warnings {
+                        tracing::warn!(warning = %w, "policy references a missing or mistyped extension");
+                    }
                 }
                 let report = ReloadReport {
                     generation: snapshot.generation,
@@ -264,6 +352,7 @@ impl Registry {
                     duration_ms: elapsed.as_secs_f64() * 1000.0,
                     warnings: snapshot.warnings.clone(),
                     fallback_reason,
+                    changed_keys,
                 };
                 self.inner
                     .generation
@@ -280,6 +369,12 @@ impl Registry {
                     source = report.source.as_str(),
                     mode = config.source.as_str(),
                     trigger = trigger.as_str(),
+                    scope = if changed_keys.is_some() {
+                        "changes"
+                    } else {
+                        "full"
+                    },
+                    changed_keys = changed_keys.unwrap_or(0),
                     generation = report.generation,
                     extensions = report.counts.extensions,
                     versions = report.counts.versions,
@@ -301,6 +396,7 @@ impl Registry {
                 tracing::error!(
                     error = %e,
                     trigger = trigger.as_str(),
+                    scope = if changed_keys.is_some() { "changes" } else { "full" },
                     serving_generation = current.generation,
                     serving_source = current.source.as_str(),
                     "Extension Registry sync failed; the previous snapshot keeps serving"
@@ -341,7 +437,12 @@ impl Registry {
             ));
         };
         let result = database::load(pool, &config.database_display()).await;
-        self.set_db_state(match &result {
+        self.note_db_result(&result);
+        result
+    }
+
+    fn note_db_result<T>(&self, result: &Result<T, RegistryError>) {
+        self.set_db_state(match result {
             Ok(_) => DbState::Connected,
             Err(e) => match e.kind() {
                 ErrorKind::Unreachable => DbState::Unreachable,
@@ -349,7 +450,6 @@ impl Registry {
                 _ => DbState::Error,
             },
         });
-        result
     }
 
     /// Reads the configured source, applying auto's fallback rule: fixtures only while
@@ -546,17 +646,30 @@ impl Registry {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {
-                    let _ = self.reload_with(Trigger::Periodic).await;
+                    if self.reload_with(Trigger::Periodic).await.is_ok()
+                        && self.inner.snapshot.load().source == ActiveSource::Database
+                        && let Some(pool) = &pool
+                    {
+                        self.prune_change_log(pool).await;
+                    }
                 }
                 _ = self.inner.wake.notified() => {}
                 _ = tokio::time::sleep_until(next_attempt), if retry_listen => {}
                 received = recv(&mut listener) => match received {
-                    Ok(Some(_)) => {
-                        // Fold a burst of notifications into one reload.
+                    Ok(Some(first)) => {
+                        // Fold a burst of notifications into one read of what
+                        // changed (or one full reload, if any of them asks for it).
+                        let mut logged = database::is_logged_change(first.payload());
                         if let Some(l) = listener.as_mut() {
-                            while l.next_buffered().is_some() {}
+                            while let Some(n) = l.next_buffered() {
+                                logged &= database::is_logged_change(n.payload());
+                            }
                         }
-                        let _ = self.reload_with(Trigger::Notify).await;
+                        let _ = if logged {
+                            self.sync_changes(Trigger::Notify).await
+                        } else {
+                            self.reload_with(Trigger::Notify).await
+                        };
                     }
                     Ok(None) | Err(_) => {
                         tracing::warn!("Extension Registry lost its LISTEN connection; reconnecting");
@@ -570,6 +683,23 @@ impl Registry {
         self.inner.listening.store(false, Ordering::Relaxed);
     }
 }
+
+impl Registry {
+    /// Keeps `registry_changes` to the last hour. Any router may do it; a failure
+    /// (a schema from before migration 0003) costs nothing but a debug line.
+    async fn prune_change_log(&self, pool: &PgPool) {
+        let database = self.read_settings().config.database_display();
+        match database::prune_changes(pool, &database).await {
+            Ok(n) if n > 0 => tracing::debug!(rows = n, "pruned registry_changes"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot prune registry_changes"),
+        }
+    }
+}
+
+/// How long a snapshot's position is trusted for reading only the changes since:
+/// half the hour `registry_changes` keeps, so no change it needs can have been pruned.
+const CHANGE_LOG_TRUST: chrono::TimeDelta = chrono::TimeDelta::minutes(30);
 
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut l = PgListener::connect_with(pool).await?;

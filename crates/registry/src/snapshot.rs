@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use beamline_model::extension::compare_version_names;
 use beamline_model::{
-    Extension, ExtensionInstance, ExtensionType, ExtensionVersion, Limits, Policy, RoutingContext,
+    Extension, ExtensionInstance, ExtensionRecord, ExtensionType, ExtensionVersion, InstanceRecord,
+    Limits, Policy, RoutingContext, VersionRecord,
 };
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::dataset::{Dataset, Sourced};
+use crate::dataset::{Dataset, PolicyRecord, Sourced};
 use crate::error::{Origin, RegistryError};
 
 /// Which source a snapshot was read from.
@@ -82,6 +83,39 @@ pub struct Counts {
     pub policies: usize,
 }
 
+/// A policy and the record it was read from (warnings name it).
+#[derive(Debug, Clone)]
+struct PolicyEntry {
+    policy: Arc<Policy>,
+    origin: Origin,
+}
+
+/// tenant → policy id → policy
+type PolicyMap = HashMap<String, HashMap<String, PolicyEntry>>;
+
+/// Entries are shared between snapshots: an incremental reload copies the map of
+/// pointers and rebuilds only the entries that changed.
+type EntryMap = HashMap<Arc<str>, Arc<ExtensionEntry>>;
+
+/// What changed in the source since a snapshot was read: the extensions (by id)
+/// and the tenants (by id) whose records must be read again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    pub extensions: BTreeSet<String>,
+    pub tenants: BTreeSet<String>,
+}
+
+impl ChangeSet {
+    pub fn is_empty(&self) -> bool {
+        self.extensions.is_empty() && self.tenants.is_empty()
+    }
+
+    /// Number of keys to read again.
+    pub fn len(&self) -> usize {
+        self.extensions.len() + self.tenants.len()
+    }
+}
+
 /// An immutable registry state.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -92,10 +126,11 @@ pub struct Snapshot {
     pub counts: Counts,
     /// Problems that do not stop the load (a policy naming an unknown extension).
     pub warnings: Vec<String>,
-    extensions: HashMap<String, ExtensionEntry>,
+    /// The database position this state is exactly equal to ([`Dataset::position`]).
+    pub position: Option<String>,
+    extensions: EntryMap,
     by_type: [Vec<Arc<Extension>>; 4],
-    /// tenant → policy id → policy
-    policies: HashMap<String, HashMap<String, Arc<Policy>>>,
+    policies: PolicyMap,
 }
 
 /// The tenant whose policies serve tenants that have none of their own.
@@ -111,6 +146,7 @@ impl Snapshot {
             load_duration: Duration::ZERO,
             counts: Counts::default(),
             warnings: Vec::new(),
+            position: None,
             extensions: HashMap::new(),
             by_type: Default::default(),
             policies: HashMap::new(),
@@ -125,198 +161,125 @@ impl Snapshot {
         source: ActiveSource,
         generation: u64,
     ) -> Result<Snapshot, RegistryError> {
-        let mut origins: HashMap<String, Origin> = HashMap::with_capacity(data.extensions.len());
-        let mut bases: HashMap<String, Arc<Extension>> =
-            HashMap::with_capacity(data.extensions.len());
-        for Sourced { origin, value } in data.extensions {
-            let ext = value
-                .validate(limits)
-                .map_err(|error| RegistryError::Invalid {
-                    origin: origin.clone(),
-                    error,
-                })?;
-            if let Some(first) = origins.get(&ext.id) {
-                return Err(RegistryError::Malformed {
-                    origin,
-                    message: format!("extension '{}' is also defined in {first}", ext.id),
-                });
-            }
-            origins.insert(ext.id.clone(), origin);
-            bases.insert(ext.id.clone(), Arc::new(ext));
-        }
-
-        let mut versions: HashMap<String, Vec<(ExtensionVersion, Origin)>> = HashMap::new();
-        let mut version_count = 0;
-        for Sourced { origin, value } in data.versions {
-            let v = value
-                .validate(limits)
-                .map_err(|error| RegistryError::Invalid {
-                    origin: origin.clone(),
-                    error,
-                })?;
-            if !bases.contains_key(&v.id) {
-                return Err(RegistryError::Malformed {
-                    origin,
-                    message: format!("version of unknown extension '{}'", v.id),
-                });
-            }
-            let list = versions.entry(v.id.clone()).or_default();
-            if let Some((_, first)) = list.iter().find(|(x, _)| x.version == v.version) {
-                return Err(RegistryError::Malformed {
-                    origin,
-                    message: format!(
-                        "version '{}' of '{}' is also defined in {first}",
-                        v.version, v.id
-                    ),
-                });
-            }
-            list.push((v, origin));
-            version_count += 1;
-        }
-
-        let mut instances: HashMap<String, Vec<ExtensionInstance>> = HashMap::new();
-        let mut instance_count = 0;
-        for Sourced { origin, value } in data.instances {
-            let i = value.validate().map_err(|error| RegistryError::Invalid {
-                origin: origin.clone(),
-                error,
-            })?;
-            if !bases.contains_key(&i.extension_id) {
-                return Err(RegistryError::Malformed {
-                    origin,
-                    message: format!("instance of unknown extension '{}'", i.extension_id),
-                });
-            }
-            let list = instances.entry(i.extension_id.clone()).or_default();
-            if list.iter().any(|x| x.instance_id == i.instance_id) {
-                return Err(RegistryError::Malformed {
-                    origin,
-                    message: format!(
-                        "instance '{}' of '{}' is defined twice",
-                        i.instance_id, i.extension_id
-                    ),
-                });
-            }
-            list.push(i);
-            instance_count += 1;
-        }
-
-        let mut warnings = Vec::new();
-        let mut policies: HashMap<String, HashMap<String, Arc<Policy>>> = HashMap::new();
-        let mut per_tenant: HashMap<String, (BTreeSet<String>, Origin)> = HashMap::new();
-        let mut policy_count = 0;
-        for Sourced { origin, value } in data.policies {
-            let invalid = |error| RegistryError::Invalid {
-                origin: origin.clone(),
-                error,
-            };
-            let document = Policy::parse_document(value.document).map_err(invalid)?;
-            let policy = Policy::from_document(
-                &value.tenant_id,
-                &value.policy_id,
-                value.enabled,
-                document,
-                limits,
-            )
-            .map_err(invalid)?;
-            for (field, expected, id) in policy.extension_refs() {
-                match bases.get(&id) {
-                    None => warnings.push(format!(
-                        "{origin}: field `{field}`: extension '{id}' does not exist; requests using this policy will fail with extension_not_found"
-                    )),
-                    Some(ext) if ext.ext_type != expected => warnings.push(format!(
-                        "{origin}: field `{field}`: extension '{id}' is of type {}, not {expected}; requests using this policy will fail with invalid_request",
-                        ext.ext_type
-                    )),
-                    Some(_) => {}
-                }
-            }
-            if policy.enabled {
-                let (set, _) = per_tenant
-                    .entry(policy.tenant_id.clone())
-                    .or_insert_with(|| (BTreeSet::new(), origin.clone()));
-                set.extend(policy.extension_refs().into_iter().map(|(_, _, id)| id));
-                if set.len() > limits.max_extensions_per_tenant {
-                    return Err(RegistryError::Malformed {
-                        origin,
-                        message: format!(
-                            "tenant '{}' uses {} distinct extensions across its policies, more than the limit of {}",
-                            policy.tenant_id,
-                            set.len(),
-                            limits.max_extensions_per_tenant
-                        ),
-                    });
-                }
-            }
-            let tenant = policies.entry(policy.tenant_id.clone()).or_default();
-            if tenant.contains_key(&policy.policy_id) {
-                return Err(RegistryError::Malformed {
-                    origin,
-                    message: format!(
-                        "policy '{}' of tenant '{}' is defined twice",
-                        policy.policy_id, policy.tenant_id
-                    ),
-                });
-            }
-            tenant.insert(policy.policy_id.clone(), Arc::new(policy));
-            policy_count += 1;
-        }
-
+        let Dataset {
+            position,
+            extensions,
+            versions,
+            instances,
+            policies,
+        } = data;
+        let extensions = build_entries(extensions, versions, instances, limits)?;
+        let policies = build_policies(policies, limits)?;
         let mut by_type: [Vec<Arc<Extension>>; 4] = Default::default();
-        let mut extensions = HashMap::with_capacity(bases.len());
-        for (id, base) in bases {
-            by_type[base.ext_type.index()].push(base.clone());
-            let mut list: Vec<ExtensionVersion> = versions
-                .remove(&id)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(v, _)| v)
-                .collect();
-            list.sort_by(newest_first);
-            let versions: Vec<VersionEntry> = list
-                .into_iter()
-                .map(|version| VersionEntry {
-                    resolved: Arc::new(base.with_version(&version)),
-                    version,
-                })
-                .collect();
-            let enabled_versions = versions
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| v.version.enabled)
-                .map(|(i, _)| i)
-                .collect();
-            let mut inst = instances.remove(&id).unwrap_or_default();
-            inst.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-            extensions.insert(
-                id,
-                ExtensionEntry {
-                    base,
-                    versions,
-                    enabled_versions,
-                    instances: inst.into(),
-                },
-            );
+        for entry in extensions.values() {
+            by_type[entry.base.ext_type.index()].push(entry.base.clone());
         }
         for list in &mut by_type {
             list.sort_by(|a, b| a.id.cmp(&b.id));
         }
-        Ok(Snapshot {
+        Ok(Snapshot::assemble(
+            extensions, by_type, policies, source, position, generation,
+        ))
+    }
+
+    /// A snapshot equal to this one with the extensions and tenants of `changes`
+    /// replaced by what `data` holds for them: `data` must be a fresh read of exactly
+    /// those keys (an extension or tenant in `changes` with no record in `data` was
+    /// deleted), and its position becomes the snapshot's. Unchanged entries are shared, not copied, so the cost follows the
+    /// size of the change, not of the registry. Validation is the same as
+    /// [`Snapshot::build`]'s, and a record that fails it leaves nothing changed.
+    pub fn apply_changes(
+        &self,
+        data: Dataset,
+        changes: &ChangeSet,
+        limits: &Limits,
+        generation: u64,
+    ) -> Result<Snapshot, RegistryError> {
+        let Dataset {
+            position,
+            extensions,
+            versions,
+            instances,
+            policies,
+        } = data;
+        let outside = |origin: &Origin, what: &str, key: &str| RegistryError::Malformed {
+            origin: origin.clone(),
+            message: format!("{what} '{key}' was read but is not among the changed keys"),
+        };
+        for r in &extensions {
+            if !changes.extensions.contains(&r.value.id) {
+                return Err(outside(&r.origin, "extension", &r.value.id));
+            }
+        }
+        for r in &policies {
+            if !changes.tenants.contains(&r.value.tenant_id) {
+                return Err(outside(&r.origin, "tenant", &r.value.tenant_id));
+            }
+        }
+        let fresh = build_entries(extensions, versions, instances, limits)?;
+        let fresh_policies = build_policies(policies, limits)?;
+
+        let mut entries = self.extensions.clone();
+        let mut by_type = self.by_type.clone();
+        for id in &changes.extensions {
+            if let Some(old) = entries.remove(id.as_str()) {
+                let list = &mut by_type[old.base.ext_type.index()];
+                if let Ok(i) = list.binary_search_by(|e| e.id.as_str().cmp(id)) {
+                    list.remove(i);
+                }
+            }
+        }
+        for (id, entry) in fresh {
+            let list = &mut by_type[entry.base.ext_type.index()];
+            let at = list
+                .binary_search_by(|e| e.id.as_str().cmp(&id))
+                .unwrap_or_else(|at| at);
+            list.insert(at, entry.base.clone());
+            entries.insert(id, entry);
+        }
+
+        let mut policies = self.policies.clone();
+        for tenant in &changes.tenants {
+            policies.remove(tenant);
+        }
+        policies.extend(fresh_policies);
+        Ok(Snapshot::assemble(
+            entries,
+            by_type,
+            policies,
+            self.source,
+            position,
+            generation,
+        ))
+    }
+
+    fn assemble(
+        extensions: EntryMap,
+        by_type: [Vec<Arc<Extension>>; 4],
+        policies: PolicyMap,
+        source: ActiveSource,
+        position: Option<String>,
+        generation: u64,
+    ) -> Snapshot {
+        let counts = Counts {
+            extensions: extensions.len(),
+            versions: extensions.values().map(|e| e.versions.len()).sum(),
+            instances: extensions.values().map(|e| e.instances.len()).sum(),
+            policies: policies.values().map(HashMap::len).sum(),
+        };
+        let warnings = policy_warnings(&policies, &extensions);
+        Snapshot {
             generation,
             source,
             loaded_at: Utc::now(),
             load_duration: Duration::ZERO,
-            counts: Counts {
-                extensions: extensions.len(),
-                versions: version_count,
-                instances: instance_count,
-                policies: policy_count,
-            },
+            counts,
             warnings,
+            position,
             extensions,
             by_type,
             policies,
-        })
+        }
     }
 
     /// The base record of `id` (`router_extension_registry:lookup`).
@@ -328,7 +291,7 @@ impl Snapshot {
     /// Everything about `id`: base, versions, instances.
     #[inline]
     pub fn entry(&self, id: &str) -> Option<&ExtensionEntry> {
-        self.extensions.get(id)
+        self.extensions.get(id).map(|e| &**e)
     }
 
     /// The record `id` resolves to for `context` (`lookup_with_version`).
@@ -368,6 +331,7 @@ impl Snapshot {
             self.policies
                 .get(t)
                 .and_then(|m| m.get(policy_id))
+                .map(|e| &e.policy)
                 .filter(|p| p.enabled)
         };
         find(tenant).or_else(|| find(FALLBACK_TENANT))
@@ -378,7 +342,7 @@ impl Snapshot {
         let mut all: Vec<Arc<Policy>> = self
             .policies
             .values()
-            .flat_map(|m| m.values().cloned())
+            .flat_map(|m| m.values().map(|e| e.policy.clone()))
             .collect();
         all.sort_by(|a, b| (&a.tenant_id, &a.policy_id).cmp(&(&b.tenant_id, &b.policy_id)));
         all
@@ -404,4 +368,201 @@ fn newest_first(a: &ExtensionVersion, b: &ExtensionVersion) -> Ordering {
         (None, None) => Ordering::Equal,
     };
     by_time.then_with(|| compare_version_names(&b.version, &a.version))
+}
+
+/// Validates extensions, versions and instances and builds one entry per extension.
+fn build_entries(
+    extensions: Vec<Sourced<ExtensionRecord>>,
+    versions: Vec<Sourced<VersionRecord>>,
+    instances: Vec<Sourced<InstanceRecord>>,
+    limits: &Limits,
+) -> Result<EntryMap, RegistryError> {
+    let mut origins: HashMap<String, Origin> = HashMap::with_capacity(extensions.len());
+    let mut bases: HashMap<String, Arc<Extension>> = HashMap::with_capacity(extensions.len());
+    for Sourced { origin, value } in extensions {
+        let ext = value
+            .validate(limits)
+            .map_err(|error| RegistryError::Invalid {
+                origin: origin.clone(),
+                error,
+            })?;
+        if let Some(first) = origins.get(&ext.id) {
+            return Err(RegistryError::Malformed {
+                origin,
+                message: format!("extension '{}' is also defined in {first}", ext.id),
+            });
+        }
+        origins.insert(ext.id.clone(), origin);
+        bases.insert(ext.id.clone(), Arc::new(ext));
+    }
+
+    let mut by_extension: HashMap<String, Vec<(ExtensionVersion, Origin)>> = HashMap::new();
+    for Sourced { origin, value } in versions {
+        let v = value
+            .validate(limits)
+            .map_err(|error| RegistryError::Invalid {
+                origin: origin.clone(),
+                error,
+            })?;
+        if !bases.contains_key(&v.id) {
+            return Err(RegistryError::Malformed {
+                origin,
+                message: format!("version of unknown extension '{}'", v.id),
+            });
+        }
+        let list = by_extension.entry(v.id.clone()).or_default();
+        if let Some((_, first)) = list.iter().find(|(x, _)| x.version == v.version) {
+            return Err(RegistryError::Malformed {
+                origin,
+                message: format!(
+                    "version '{}' of '{}' is also defined in {first}",
+                    v.version, v.id
+                ),
+            });
+        }
+        list.push((v, origin));
+    }
+
+    let mut instances_of: HashMap<String, Vec<ExtensionInstance>> = HashMap::new();
+    for Sourced { origin, value } in instances {
+        let i = value.validate().map_err(|error| RegistryError::Invalid {
+            origin: origin.clone(),
+            error,
+        })?;
+        if !bases.contains_key(&i.extension_id) {
+            return Err(RegistryError::Malformed {
+                origin,
+                message: format!("instance of unknown extension '{}'", i.extension_id),
+            });
+        }
+        let list = instances_of.entry(i.extension_id.clone()).or_default();
+        if list.iter().any(|x| x.instance_id == i.instance_id) {
+            return Err(RegistryError::Malformed {
+                origin,
+                message: format!(
+                    "instance '{}' of '{}' is defined twice",
+                    i.instance_id, i.extension_id
+                ),
+            });
+        }
+        list.push(i);
+    }
+
+    let mut entries = HashMap::with_capacity(bases.len());
+    for (id, base) in bases {
+        let mut list: Vec<ExtensionVersion> = by_extension
+            .remove(&id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect();
+        list.sort_by(newest_first);
+        let versions: Vec<VersionEntry> = list
+            .into_iter()
+            .map(|version| VersionEntry {
+                resolved: Arc::new(base.with_version(&version)),
+                version,
+            })
+            .collect();
+        let enabled_versions = versions
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.version.enabled)
+            .map(|(i, _)| i)
+            .collect();
+        let mut inst = instances_of.remove(&id).unwrap_or_default();
+        inst.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        entries.insert(
+            Arc::from(id),
+            Arc::new(ExtensionEntry {
+                base,
+                versions,
+                enabled_versions,
+                instances: inst.into(),
+            }),
+        );
+    }
+    Ok(entries)
+}
+
+/// Validates policies, one tenant's set against the per-tenant extension limit.
+fn build_policies(
+    rows: Vec<Sourced<PolicyRecord>>,
+    limits: &Limits,
+) -> Result<PolicyMap, RegistryError> {
+    let mut policies: PolicyMap = HashMap::new();
+    let mut per_tenant: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for Sourced { origin, value } in rows {
+        let invalid = |error| RegistryError::Invalid {
+            origin: origin.clone(),
+            error,
+        };
+        let document = Policy::parse_document(value.document).map_err(invalid)?;
+        let policy = Policy::from_document(
+            &value.tenant_id,
+            &value.policy_id,
+            value.enabled,
+            document,
+            limits,
+        )
+        .map_err(invalid)?;
+        if policy.enabled {
+            let set = per_tenant.entry(policy.tenant_id.clone()).or_default();
+            set.extend(policy.extension_refs().into_iter().map(|(_, _, id)| id));
+            if set.len() > limits.max_extensions_per_tenant {
+                return Err(RegistryError::Malformed {
+                    origin,
+                    message: format!(
+                        "tenant '{}' uses {} distinct extensions across its policies, more than the limit of {}",
+                        policy.tenant_id,
+                        set.len(),
+                        limits.max_extensions_per_tenant
+                    ),
+                });
+            }
+        }
+        let tenant = policies.entry(policy.tenant_id.clone()).or_default();
+        if tenant.contains_key(&policy.policy_id) {
+            return Err(RegistryError::Malformed {
+                origin,
+                message: format!(
+                    "policy '{}' of tenant '{}' is defined twice",
+                    policy.policy_id, policy.tenant_id
+                ),
+            });
+        }
+        tenant.insert(
+            policy.policy_id.clone(),
+            PolicyEntry {
+                policy: Arc::new(policy),
+                origin,
+            },
+        );
+    }
+    Ok(policies)
+}
+
+/// A warning for every policy field that names an extension that does not exist or
+/// has another type, in tenant and policy order.
+fn policy_warnings(policies: &PolicyMap, extensions: &EntryMap) -> Vec<String> {
+    let mut all: Vec<&PolicyEntry> = policies.values().flat_map(HashMap::values).collect();
+    all.sort_by(|a, b| {
+        (&a.policy.tenant_id, &a.policy.policy_id).cmp(&(&b.policy.tenant_id, &b.policy.policy_id))
+    });
+    let mut warnings = Vec::new();
+    for PolicyEntry { policy, origin } in all {
+        for (field, expected, id) in policy.extension_refs() {
+            match extensions.get(id.as_str()) {
+                None => warnings.push(format!(
+                    "{origin}: field `{field}`: extension '{id}' does not exist; requests using this policy will fail with extension_not_found"
+                )),
+                Some(e) if e.base.ext_type != expected => warnings.push(format!(
+                    "{origin}: field `{field}`: extension '{id}' is of type {}, not {expected}; requests using this policy will fail with invalid_request",
+                    e.base.ext_type
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    warnings
 }

@@ -1,7 +1,7 @@
 //! Circuit breakers, one per extension (and one per instance for load balancing).
 //!
 //! Closed → Open after `failure_threshold` consecutive failures, or when the error rate
-//! over a sliding window of `window_seconds` reaches `error_rate_threshold` once the
+//! over a sliding window of `window_seconds` (in at most [`MAX_BUCKETS`] ticks) reaches `error_rate_threshold` once the
 //! window holds `min_calls` calls. Open refuses every call without touching NATS until
 //! `timeout_seconds` pass; then up to `half_open_max_requests` probes go through: the
 //! first success closes the breaker (and clears the window), a failure re-opens it.
@@ -142,12 +142,21 @@ pub struct BreakerSnapshot {
     pub opened_total: u64,
 }
 
+/// Outcomes of one tick (a slice of the window, see [`MAX_BUCKETS`]). Ticks count
+/// from the breaker's creation; a `u32` lasts over a century and keeps a bucket at
+/// 12 bytes.
 #[derive(Debug, Clone, Copy, Default)]
 struct Bucket {
-    second: u64,
+    tick: u32,
     ok: u32,
     fail: u32,
 }
+
+/// Most buckets a window is divided into. The default 60 s window slides in 3 s
+/// ticks: an outcome leaves the window between 57 and 60 s after it happened. Finer
+/// ticks buy little precision for the memory: two breakers per extension with 60
+/// one-second buckets were a third of the router's memory at 10 000 extensions.
+pub const MAX_BUCKETS: u64 = 20;
 
 #[derive(Debug)]
 struct Inner {
@@ -163,8 +172,10 @@ struct Inner {
 #[derive(Debug)]
 pub struct Breaker {
     config: BreakerConfig,
-    /// Seconds are counted from here, so buckets are plain integers.
+    /// Ticks are counted from here, so buckets are plain integers.
     origin: Instant,
+    /// Length of one tick (one bucket), seconds.
+    tick_seconds: u64,
     inner: Mutex<Inner>,
     opened_total: AtomicU64,
 }
@@ -216,9 +227,12 @@ impl Breaker {
 
     /// A breaker not yet shared (for maps that hand out `Arc`s themselves).
     pub fn build(config: BreakerConfig) -> Breaker {
-        let slots = config.window_seconds.max(1) as usize;
+        let window = config.window_seconds.max(1);
+        let tick_seconds = window.div_ceil(MAX_BUCKETS);
+        let slots = window.div_ceil(tick_seconds) as usize;
         Breaker {
             origin: Instant::now(),
+            tick_seconds,
             inner: Mutex::new(Inner {
                 state: BreakerState::Closed,
                 opened_at: None,
@@ -241,8 +255,9 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn second(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.origin).as_secs()
+    fn tick(&self, now: Instant) -> u32 {
+        let seconds = now.saturating_duration_since(self.origin).as_secs();
+        u32::try_from(seconds / self.tick_seconds).unwrap_or(u32::MAX)
     }
 
     /// Asks to make a call. `Err(transition)` means refused; the transition is set when
@@ -314,13 +329,13 @@ impl Breaker {
         if !self.config.enabled {
             return None;
         }
-        let second = self.second(now);
+        let tick = self.tick(now);
         let mut inner = self.lock();
-        let slots = inner.buckets.len() as u64;
-        let bucket = &mut inner.buckets[(second % slots) as usize];
-        if bucket.second != second {
+        let slots = inner.buckets.len() as u32;
+        let bucket = &mut inner.buckets[(tick % slots) as usize];
+        if bucket.tick != tick {
             *bucket = Bucket {
-                second,
+                tick,
                 ok: 0,
                 fail: 0,
             };
@@ -353,7 +368,7 @@ impl Breaker {
                     return None;
                 }
                 inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
-                let (calls, failures) = window_totals(&inner.buckets, second, slots);
+                let (calls, failures) = window_totals(&inner.buckets, tick, slots);
                 let rate_trips = calls >= u64::from(self.config.min_calls)
                     && calls > 0
                     && failures as f64 / calls as f64 >= self.config.error_rate_threshold;
@@ -409,8 +424,8 @@ impl Breaker {
 
     pub fn snapshot(&self, now: Instant) -> BreakerSnapshot {
         let inner = self.lock();
-        let slots = inner.buckets.len() as u64;
-        let (calls, failures) = window_totals(&inner.buckets, self.second(now), slots);
+        let slots = inner.buckets.len() as u32;
+        let (calls, failures) = window_totals(&inner.buckets, self.tick(now), slots);
         BreakerSnapshot {
             state: inner.state,
             opened_at: inner.opened_at_wall,
@@ -426,11 +441,15 @@ impl Breaker {
     }
 }
 
-/// Calls and failures in the buckets of the last `slots` seconds.
-fn window_totals(buckets: &[Bucket], second: u64, slots: u64) -> (u64, u64) {
+/// Calls and failures in the buckets of the last `slots` ticks.
+fn window_totals(buckets: &[Bucket], tick: u32, slots: u32) -> (u64, u64) {
     buckets
         .iter()
-        .filter(|b| b.second + slots > second && b.second <= second && (b.ok > 0 || b.fail > 0))
+        .filter(|b| {
+            u64::from(b.tick) + u64::from(slots) > u64::from(tick)
+                && b.tick <= tick
+                && (b.ok > 0 || b.fail > 0)
+        })
         .fold((0, 0), |(c, f), b| {
             (
                 c + u64::from(b.ok) + u64::from(b.fail),
@@ -458,6 +477,35 @@ mod tests {
         let (permit, t1) = b.try_acquire(now)?;
         let t2 = permit.record(success, now);
         Ok(t2.or(t1))
+    }
+
+    #[test]
+    fn a_window_is_at_most_twenty_buckets_and_still_slides_whole() {
+        for (window, buckets) in [(1, 1), (10, 10), (60, 20), (61, 16), (3600, 20)] {
+            let b = Breaker::new(BreakerConfig {
+                window_seconds: window,
+                ..cfg()
+            });
+            assert_eq!(b.lock().buckets.len(), buckets, "window {window} s");
+        }
+        let b = Breaker::new(BreakerConfig {
+            window_seconds: 3600,
+            ..cfg()
+        });
+        let t0 = Instant::now();
+        call(&b, t0, true).unwrap();
+        call(&b, t0 + Duration::from_secs(1800), true).unwrap();
+        assert_eq!(
+            b.snapshot(t0 + Duration::from_secs(3599)).window_calls,
+            2,
+            "both calls are within the hour"
+        );
+        assert_eq!(
+            b.snapshot(t0 + Duration::from_secs(3600)).window_calls,
+            1,
+            "the first call left the window after an hour"
+        );
+        assert_eq!(b.snapshot(t0 + Duration::from_secs(5400)).window_calls, 0);
     }
 
     #[test]

@@ -1,19 +1,22 @@
 //! Per-extension health: lifetime success/failure counts and last times, and over a
 //! sliding window the success rate and true latency quantiles.
 //!
-//! The window is a ring of [`SLOTS`] HDR histograms, each covering
-//! `window / SLOTS`; a quantile merges the live slots. Histograms count in units of
-//! 10 µs with one significant digit (≤ 6.25 % relative error), a compromise that keeps
-//! a full window near 5 KiB per extension, so 10 000 extensions fit DESIGN.md's P7
-//! memory goal. Recording takes only the extension's own lock (never a global one),
-//! and the lifetime counters are plain atomics.
+//! The window is a ring of [`SLOTS`] latency histograms, each covering
+//! `window / SLOTS`; a quantile merges the live slots. A histogram counts in units of
+//! 10 µs in log-linear buckets, 16 per power of two (≤ 6.25 % relative error, the
+//! precision of an HDR histogram with one significant digit), up to 60 s. Its counts
+//! are stored sparsely (4 bytes per bucket in use) until that would cost more than a
+//! dense array: an extension's latencies usually span a few powers of two, so a full
+//! window costs about 1 KiB rather than the 5 KiB a dense histogram needs — what lets
+//! 10 000 extensions fit DESIGN.md's P7 memory goal. Recording takes only the
+//! extension's own lock (never a global one), and the lifetime counters are plain
+//! atomics.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// Slots in the sliding window.
@@ -22,19 +25,131 @@ pub const SLOTS: usize = 4;
 const UNIT_US: u64 = 10;
 /// Largest latency recorded exactly: 60 s (longer ones are clamped).
 const MAX_UNITS: u64 = 6_000_000;
+/// Buckets: 32 exact ones below 32 units, then 16 per power of two up to MAX_UNITS.
+const BUCKETS: usize = bucket_of(MAX_UNITS) + 1;
+
+/// The bucket of a value in units (1..=MAX_UNITS).
+#[inline]
+const fn bucket_of(units: u64) -> usize {
+    if units < 32 {
+        return units as usize;
+    }
+    let msb = 63 - units.leading_zeros() as usize; // ≥ 5
+    let shift = msb - 4;
+    32 + (msb - 5) * 16 + ((units >> shift) as usize - 16)
+}
+
+/// The largest value (units) that falls in `bucket`.
+#[inline]
+fn bucket_top(bucket: usize) -> u64 {
+    if bucket < 32 {
+        return bucket as u64;
+    }
+    let octave = (bucket - 32) / 16;
+    let sub = ((bucket - 32) % 16) as u64;
+    ((16 + sub + 1) << (octave + 1)) - 1
+}
+
+/// Sparse entries pack the bucket (9 bits) above the count (23 bits).
+const COUNT_BITS: u32 = 23;
+const COUNT_MAX: u32 = (1 << COUNT_BITS) - 1;
+/// Past this many buckets in use, a dense array is smaller (and faster to record).
+const SPARSE_MAX: usize = BUCKETS / 4;
+
+/// Counts per bucket: sparse (sorted packed entries) while few buckets are in use,
+/// dense afterwards.
+#[derive(Debug)]
+enum Counts {
+    Sparse(Vec<u32>),
+    Dense(Box<[u32; BUCKETS]>),
+}
+
+impl Counts {
+    fn record(&mut self, bucket: usize) {
+        match self {
+            Counts::Dense(d) => d[bucket] = d[bucket].saturating_add(1),
+            Counts::Sparse(v) => {
+                let key = (bucket as u32) << COUNT_BITS;
+                match v.binary_search_by(|e| (e & !COUNT_MAX).cmp(&key)) {
+                    Ok(i) if v[i] & COUNT_MAX < COUNT_MAX => v[i] += 1,
+                    Ok(_) => {
+                        self.densify();
+                        self.record(bucket);
+                    }
+                    Err(_) if v.len() >= SPARSE_MAX => {
+                        self.densify();
+                        self.record(bucket);
+                    }
+                    Err(i) => {
+                        if v.len() == v.capacity() {
+                            v.reserve_exact(8);
+                        }
+                        v.insert(i, key | 1);
+                    }
+                }
+            }
+        }
+    }
+
+    fn densify(&mut self) {
+        if let Counts::Sparse(v) = self {
+            let mut d = Box::new([0u32; BUCKETS]);
+            for e in v.iter() {
+                d[(e >> COUNT_BITS) as usize] = e & COUNT_MAX;
+            }
+            *self = Counts::Dense(d);
+        }
+    }
+
+    fn clear(&mut self) {
+        // Back to sparse: a burst of odd latencies should not cost a dense array for
+        // the rest of the extension's life.
+        *self = Counts::Sparse(Vec::new());
+    }
+
+    fn add_to(&self, merged: &mut [u64; BUCKETS]) {
+        match self {
+            Counts::Dense(d) => {
+                for (m, c) in merged.iter_mut().zip(d.iter()) {
+                    *m += u64::from(*c);
+                }
+            }
+            Counts::Sparse(v) => {
+                for e in v {
+                    merged[(e >> COUNT_BITS) as usize] += u64::from(e & COUNT_MAX);
+                }
+            }
+        }
+    }
+}
 
 struct Slot {
     epoch: u64,
     ok: u64,
     fail: u64,
-    hist: Histogram<u32>,
+    /// Sum of the recorded latencies, µs: the mean is exact, not a bucket estimate.
+    sum_us: u64,
+    counts: Counts,
+}
+
+impl Slot {
+    fn empty() -> Slot {
+        Slot {
+            epoch: u64::MAX,
+            ok: 0,
+            fail: 0,
+            sum_us: 0,
+            counts: Counts::Sparse(Vec::new()),
+        }
+    }
 }
 
 /// Health of one extension.
 pub struct Health {
     origin: Instant,
     slot_width: Duration,
-    slots: Mutex<Vec<Slot>>,
+    /// Allocated on the first call: an extension never called costs no window.
+    slots: Mutex<Option<Box<[Slot; SLOTS]>>>,
     success_total: AtomicU64,
     failure_total: AtomicU64,
     last_success_ms: AtomicI64,
@@ -66,18 +181,13 @@ pub struct HealthSnapshot {
     pub p99_latency_ms: f64,
 }
 
-fn new_hist() -> Histogram<u32> {
-    // Bounds are constants within the crate's accepted range.
-    Histogram::new_with_bounds(1, MAX_UNITS, 1).expect("valid histogram bounds")
-}
-
 impl Health {
     pub fn new(window: Duration) -> Health {
         let slot_width = (window / SLOTS as u32).max(Duration::from_millis(1));
         Health {
             origin: Instant::now(),
             slot_width,
-            slots: Mutex::new(Vec::new()),
+            slots: Mutex::new(None),
             success_total: AtomicU64::new(0),
             failure_total: AtomicU64::new(0),
             last_success_ms: AtomicI64::new(i64::MIN),
@@ -100,30 +210,26 @@ impl Health {
             self.failure_total.fetch_add(1, Ordering::Relaxed);
             self.last_failure_ms.store(wall, Ordering::Relaxed);
         }
-        let units = (latency.as_micros() as u64 / UNIT_US).clamp(1, MAX_UNITS);
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let units = (micros / UNIT_US).clamp(1, MAX_UNITS);
         let epoch = self.epoch(now);
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        if slots.is_empty() {
-            slots.extend((0..SLOTS).map(|_| Slot {
-                epoch: u64::MAX,
-                ok: 0,
-                fail: 0,
-                hist: new_hist(),
-            }));
-        }
+        let slots = slots.get_or_insert_with(|| Box::new(std::array::from_fn(|_| Slot::empty())));
         let slot = &mut slots[(epoch % SLOTS as u64) as usize];
         if slot.epoch != epoch {
             slot.epoch = epoch;
             slot.ok = 0;
             slot.fail = 0;
-            slot.hist.reset();
+            slot.sum_us = 0;
+            slot.counts.clear();
         }
         if success {
             slot.ok += 1;
         } else {
             slot.fail += 1;
         }
-        slot.hist.saturating_record(units);
+        slot.sum_us = slot.sum_us.saturating_add(micros.min(MAX_UNITS * UNIT_US));
+        slot.counts.record(bucket_of(units));
     }
 
     /// Lifetime counters restored from `extension_health` at start.
@@ -134,27 +240,35 @@ impl Health {
 
     pub fn snapshot(&self, now: Instant) -> HealthSnapshot {
         let epoch = self.epoch(now);
-        let mut merged = new_hist();
-        let (mut ok, mut fail) = (0u64, 0u64);
+        let mut merged = [0u64; BUCKETS];
+        let (mut ok, mut fail, mut sum_us) = (0u64, 0u64, 0u64);
         {
             let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            for s in slots.iter() {
+            for s in slots.iter().flat_map(|s| s.iter()) {
                 if s.epoch != u64::MAX && s.epoch + (SLOTS as u64) > epoch && s.epoch <= epoch {
                     ok += s.ok;
                     fail += s.fail;
-                    // Same bounds on both sides: add cannot fail.
-                    let _ = merged.add(&s.hist);
+                    sum_us = sum_us.saturating_add(s.sum_us);
+                    s.counts.add_to(&mut merged);
                 }
             }
         }
         let calls = ok + fail;
         let ms = |units: u64| units as f64 * UNIT_US as f64 / 1000.0;
+        // The value at quantile p: the top of the bucket holding the ceil(p·n)-th call.
         let q = |p: f64| {
             if calls == 0 {
-                0.0
-            } else {
-                ms(merged.value_at_quantile(p))
+                return 0.0;
             }
+            let rank = ((p * calls as f64).ceil() as u64).clamp(1, calls);
+            let mut seen = 0u64;
+            for (bucket, count) in merged.iter().enumerate() {
+                seen += count;
+                if seen >= rank {
+                    return ms(bucket_top(bucket));
+                }
+            }
+            ms(MAX_UNITS)
         };
         let to_time = |v: i64| {
             (v != i64::MIN)
@@ -175,7 +289,7 @@ impl Health {
             avg_latency_ms: if calls == 0 {
                 0.0
             } else {
-                merged.mean() * UNIT_US as f64 / 1000.0
+                sum_us as f64 / calls as f64 / 1000.0
             },
             p50_latency_ms: q(0.50),
             p95_latency_ms: q(0.95),
@@ -219,6 +333,83 @@ mod tests {
         assert_eq!(s.success_rate, 1.0);
         assert!(s.p99_latency_ms < 6.0, "{s:?}");
         assert!(s.last_failure.is_some() && s.last_success.is_some());
+    }
+
+    #[test]
+    fn buckets_cover_the_range_in_order_within_the_error_bound() {
+        let mut last = 0;
+        for units in 1..=MAX_UNITS {
+            let b = bucket_of(units);
+            assert!(b < BUCKETS, "{units} → {b}");
+            assert!(b == last || b == last + 1, "{units}: {last} → {b}");
+            let top = bucket_top(b);
+            assert!(top >= units, "{units} above its bucket's top {top}");
+            assert!(
+                (top - units) as f64 <= units as f64 / 16.0,
+                "{units}: top {top} more than 6.25 % above"
+            );
+            last = b;
+        }
+        assert_eq!(bucket_of(MAX_UNITS), BUCKETS - 1);
+    }
+
+    #[test]
+    fn sparse_and_dense_counts_agree() {
+        // Same calls, one histogram staying sparse, one forced dense at once.
+        let mut sparse = Counts::Sparse(Vec::new());
+        let mut dense = Counts::Sparse(Vec::new());
+        dense.densify();
+        let values: Vec<u64> = (0..2000u64).map(|i| 1 + (i * 7919) % 5000).collect();
+        for &v in &values {
+            sparse.record(bucket_of(v));
+            dense.record(bucket_of(v));
+        }
+        assert!(
+            matches!(sparse, Counts::Dense(_)),
+            "many buckets make it dense"
+        );
+        let (mut a, mut b) = ([0u64; BUCKETS], [0u64; BUCKETS]);
+        sparse.add_to(&mut a);
+        dense.add_to(&mut b);
+        assert_eq!(a, b);
+        assert_eq!(a.iter().sum::<u64>(), values.len() as u64);
+
+        let mut few = Counts::Sparse(Vec::new());
+        for v in [5u64, 900, 5, 40_000, 900, 5] {
+            few.record(bucket_of(v));
+        }
+        match &few {
+            Counts::Sparse(v) => assert_eq!(v.len(), 3),
+            Counts::Dense(_) => panic!("three buckets should stay sparse"),
+        }
+        let mut m = [0u64; BUCKETS];
+        few.add_to(&mut m);
+        assert_eq!(
+            (m[bucket_of(5)], m[bucket_of(900)], m[bucket_of(40_000)]),
+            (3, 2, 1)
+        );
+    }
+
+    #[test]
+    fn a_slow_tail_shows_in_p99_but_not_p50() {
+        let h = Health::new(Duration::from_secs(60));
+        let t = Instant::now();
+        for i in 0..1000u64 {
+            let latency = if i % 100 == 0 {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_micros(800 + i % 50)
+            };
+            h.record(t, latency, true);
+        }
+        let s = h.snapshot(t);
+        assert!(s.p50_latency_ms < 0.9, "{s:?}");
+        assert!(s.p95_latency_ms < 0.9, "{s:?}");
+        assert!(s.p99_latency_ms < 0.9, "exactly 1 % is slow: {s:?}");
+        // Exact mean: 10 × 2 s and 990 calls near 0.8 ms.
+        assert!((s.avg_latency_ms - 20.8).abs() < 0.1, "{s:?}");
+        h.record(t, Duration::from_secs(2), true);
+        assert!(h.snapshot(t).p99_latency_ms > 1900.0);
     }
 
     #[test]

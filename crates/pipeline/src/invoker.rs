@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::{HeaderMap, RequestErrorKind};
+use async_nats::{HeaderMap, HeaderName, RequestErrorKind};
 use beamline_model::wire::{
     HEADER_EXTENSION_ID, HEADER_EXTENSION_VERSION, HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE,
     HEADER_TENANT_ID, HEADER_TRACE_ID, Reply, ReplyError,
@@ -173,12 +173,18 @@ impl Invoker {
         &self.config
     }
 
+    /// The protocol's headers, built afresh for each attempt: cheaper than cloning
+    /// a map (names are constants, so nothing is validated or allocated for them).
     fn headers(call: &Call<'_>) -> HeaderMap {
+        const TRACE_ID: HeaderName = HeaderName::from_static(HEADER_TRACE_ID);
+        const TENANT_ID: HeaderName = HeaderName::from_static(HEADER_TENANT_ID);
+        const EXTENSION_ID: HeaderName = HeaderName::from_static(HEADER_EXTENSION_ID);
+        const EXTENSION_VERSION: HeaderName = HeaderName::from_static(HEADER_EXTENSION_VERSION);
         let mut h = HeaderMap::new();
-        h.insert(HEADER_TRACE_ID, call.trace_id);
-        h.insert(HEADER_TENANT_ID, call.tenant_id);
-        h.insert(HEADER_EXTENSION_ID, call.extension.id.as_str());
-        h.insert(HEADER_EXTENSION_VERSION, call.extension.version.as_str());
+        h.insert(TRACE_ID, call.trace_id);
+        h.insert(TENANT_ID, call.tenant_id);
+        h.insert(EXTENSION_ID, call.extension.id.as_str());
+        h.insert(EXTENSION_VERSION, call.extension.version.as_str());
         h
     }
 
@@ -199,7 +205,6 @@ impl Invoker {
     /// `timeout_ms` and by the deadline.
     pub async fn call(&self, call: Call<'_>) -> (Result<Reply, InvokeError>, CallStats) {
         let started = Instant::now();
-        let headers = Self::headers(&call);
         let max_attempts = call.extension.retry + 1;
         let per_attempt = Duration::from_millis(u64::from(call.extension.timeout_ms));
         let mut attempts = 0;
@@ -230,7 +235,7 @@ impl Invoker {
             attempts += 1;
             let request = async_nats::Request::new()
                 .payload(call.body.clone())
-                .headers(headers.clone())
+                .headers(Self::headers(&call))
                 .timeout(Some(per_attempt.min(remaining)));
             let failure = match self
                 .client

@@ -29,7 +29,7 @@ use crate::balancer::SmoothWrr;
 use crate::breaker::BreakerConfig;
 use crate::invoker::{Call, InvokeError, Invoker, InvokerConfig};
 use crate::observer::{InvocationEvent, NoopObserver, Observer};
-use crate::runtime::{CowMap, RuntimeTable};
+use crate::runtime::{RuntimeTable, ShardedMap};
 
 /// `[pipeline]` settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,7 +180,7 @@ struct Inner {
     registry: Registry,
     invoker: Invoker,
     runtime: RuntimeTable,
-    providers: CowMap<SmoothWrr>,
+    providers: ShardedMap<SmoothWrr>,
     observer: Arc<dyn Observer>,
     config: PipelineConfig,
     limits: Limits,
@@ -215,7 +215,7 @@ impl Pipeline {
                 registry,
                 runtime: RuntimeTable::new(breaker)
                     .with_max_in_flight(config.max_in_flight_per_extension),
-                providers: CowMap::default(),
+                providers: ShardedMap::default(),
                 observer: Arc::new(NoopObserver),
                 config,
                 limits,
@@ -230,7 +230,7 @@ impl Pipeline {
             invoker: arc.invoker.clone(),
             runtime: RuntimeTable::new(arc.runtime.breaker_config().clone())
                 .with_max_in_flight(arc.config.max_in_flight_per_extension),
-            providers: CowMap::default(),
+            providers: ShardedMap::default(),
             observer: arc.observer.clone(),
             config: arc.config.clone(),
             limits: arc.limits.clone(),

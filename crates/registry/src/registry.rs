@@ -290,6 +290,11 @@ impl Registry {
         if changes.is_empty() {
             // Nothing the registry serves changed (our own notification raced a sync
             // that already read it): the current snapshot is still exact.
+            tracing::debug!(
+                trigger = trigger.as_str(),
+                generation = current.generation,
+                "Extension Registry: nothing changed since the last read"
+            );
             return Ok(self.report_of(&current, Some(0)));
         }
         let generation = self.inner.generation.load(Ordering::Relaxed) + 1;
@@ -318,9 +323,11 @@ impl Registry {
             (s.config.clone(), s.limits.clone(), s.pool.clone())
         };
         let result = self.read_source(&config, pool.as_ref()).await;
+        let current = self.inner.snapshot.load_full();
         let built = result.and_then(|(data, source, fallback_reason)| {
             let generation = self.inner.generation.load(Ordering::Relaxed) + 1;
-            Snapshot::build(data, &limits, source, generation).map(|s| (s, fallback_reason))
+            Snapshot::rebuild(data, &limits, source, generation, &current)
+                .map(|s| (s, fallback_reason))
         });
         self.finish(trigger, &config, started, built, None)
     }

@@ -61,6 +61,19 @@ pub struct ExtensionEntry {
 }
 
 impl ExtensionEntry {
+    /// Whether both were built from the same records (everything else in an entry is
+    /// derived from those).
+    fn same_records(&self, other: &ExtensionEntry) -> bool {
+        *self.base == *other.base
+            && self.versions.len() == other.versions.len()
+            && self
+                .versions
+                .iter()
+                .zip(&other.versions)
+                .all(|(a, b)| a.version == b.version)
+            && self.instances == other.instances
+    }
+
     /// `lookup_with_version`: the first enabled version (newest first) whose
     /// `routing_rules` match, else the base record.
     pub fn resolve<C: RoutingContext + ?Sized>(&self, context: &C) -> &Arc<Extension> {
@@ -161,6 +174,31 @@ impl Snapshot {
         source: ActiveSource,
         generation: u64,
     ) -> Result<Snapshot, RegistryError> {
+        Snapshot::build_over(data, limits, source, generation, None)
+    }
+
+    /// [`Snapshot::build`], keeping every entry of `previous` whose records did not
+    /// change: a full reload then leaves the long-lived entries where they are in
+    /// memory and allocates only what changed, so reload after reload the heap does
+    /// not fragment (a periodic reload that rebuilt all 10 000 entries grew a router
+    /// from 98 to 148 MB resident over ten reloads).
+    pub fn rebuild(
+        data: Dataset,
+        limits: &Limits,
+        source: ActiveSource,
+        generation: u64,
+        previous: &Snapshot,
+    ) -> Result<Snapshot, RegistryError> {
+        Snapshot::build_over(data, limits, source, generation, Some(&previous.extensions))
+    }
+
+    fn build_over(
+        data: Dataset,
+        limits: &Limits,
+        source: ActiveSource,
+        generation: u64,
+        previous: Option<&EntryMap>,
+    ) -> Result<Snapshot, RegistryError> {
         let Dataset {
             position,
             extensions,
@@ -168,7 +206,7 @@ impl Snapshot {
             instances,
             policies,
         } = data;
-        let extensions = build_entries(extensions, versions, instances, limits)?;
+        let extensions = build_entries(extensions, versions, instances, limits, previous)?;
         let policies = build_policies(policies, limits)?;
         let mut by_type: [Vec<Arc<Extension>>; 4] = Default::default();
         for entry in extensions.values() {
@@ -216,7 +254,7 @@ impl Snapshot {
                 return Err(outside(&r.origin, "tenant", &r.value.tenant_id));
             }
         }
-        let fresh = build_entries(extensions, versions, instances, limits)?;
+        let fresh = build_entries(extensions, versions, instances, limits, None)?;
         let fresh_policies = build_policies(policies, limits)?;
 
         let mut entries = self.extensions.clone();
@@ -370,12 +408,14 @@ fn newest_first(a: &ExtensionVersion, b: &ExtensionVersion) -> Ordering {
     by_time.then_with(|| compare_version_names(&b.version, &a.version))
 }
 
-/// Validates extensions, versions and instances and builds one entry per extension.
+/// Validates extensions, versions and instances and builds one entry per extension,
+/// taking the entry (and key) of `previous` instead where nothing changed.
 fn build_entries(
     extensions: Vec<Sourced<ExtensionRecord>>,
     versions: Vec<Sourced<VersionRecord>>,
     instances: Vec<Sourced<InstanceRecord>>,
     limits: &Limits,
+    previous: Option<&EntryMap>,
 ) -> Result<EntryMap, RegistryError> {
     let mut origins: HashMap<String, Origin> = HashMap::with_capacity(extensions.len());
     let mut bases: HashMap<String, Arc<Extension>> = HashMap::with_capacity(extensions.len());
@@ -472,15 +512,20 @@ fn build_entries(
             .collect();
         let mut inst = instances_of.remove(&id).unwrap_or_default();
         inst.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-        entries.insert(
-            Arc::from(id),
-            Arc::new(ExtensionEntry {
-                base,
-                versions,
-                enabled_versions,
-                instances: inst.into(),
-            }),
-        );
+        let entry = ExtensionEntry {
+            base,
+            versions,
+            enabled_versions,
+            instances: inst.into(),
+        };
+        match previous.and_then(|p| p.get_key_value(id.as_str())) {
+            Some((key, old)) if old.same_records(&entry) => {
+                entries.insert(key.clone(), old.clone());
+            }
+            _ => {
+                entries.insert(Arc::from(id), Arc::new(entry));
+            }
+        }
     }
     Ok(entries)
 }

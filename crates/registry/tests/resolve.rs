@@ -185,3 +185,52 @@ fn a_version_of_an_unknown_extension_is_refused() {
     let err = Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1).unwrap_err();
     assert!(err.to_string().contains("ghost"), "{err}");
 }
+
+/// A full rebuild keeps the previous snapshot's entry (the same allocation) for every
+/// extension whose records did not change, and builds the rest anew.
+#[test]
+fn a_rebuild_shares_unchanged_entries() {
+    let data = |timeout_of_b: i64, v2_enabled: bool| Dataset {
+        extensions: vec![base("a"), base("b"), base("c")]
+            .into_iter()
+            .map(|mut e| {
+                if e.value.id == "b" {
+                    e.value.timeout_ms = timeout_of_b;
+                }
+                e
+            })
+            .collect(),
+        versions: vec![version("c", "v2", json!({}), v2_enabled, Some(10))],
+        ..Dataset::default()
+    };
+    let limits = Limits::default();
+    let first = Snapshot::build(data(100, true), &limits, ActiveSource::Database, 1).unwrap();
+    let same =
+        Snapshot::rebuild(data(100, true), &limits, ActiveSource::Database, 2, &first).unwrap();
+    for id in ["a", "b", "c"] {
+        assert!(
+            std::sync::Arc::ptr_eq(first.lookup(id).unwrap(), same.lookup(id).unwrap()),
+            "{id} was rebuilt although nothing changed"
+        );
+    }
+    let changed =
+        Snapshot::rebuild(data(250, false), &limits, ActiveSource::Database, 3, &same).unwrap();
+    assert!(std::sync::Arc::ptr_eq(
+        same.lookup("a").unwrap(),
+        changed.lookup("a").unwrap()
+    ));
+    assert_eq!(changed.lookup("b").unwrap().timeout_ms, 250);
+    assert!(!changed.entry("c").unwrap().versions[0].version.enabled);
+    let version_of_c = |s: &Snapshot| {
+        s.resolve("c", &[("tenant_id", "x")])
+            .unwrap()
+            .version
+            .clone()
+    };
+    assert_eq!(version_of_c(&same), "v2");
+    assert_eq!(
+        version_of_c(&changed),
+        "v1",
+        "the disabled v2 no longer serves"
+    );
+}

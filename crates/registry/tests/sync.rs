@@ -24,7 +24,15 @@ async fn a_committed_update_is_live_through_notify_without_a_reload() {
     let registry = start(db_config(db.url(), SourceMode::Database)).await;
     let stop = CancellationToken::new();
     let task = registry.spawn_sync(stop.clone());
-    assert!(eventually(Duration::from_secs(10), || registry.status().listening).await);
+    // Listening, and the full reload that follows LISTEN done (a change committed
+    // before that reload would arrive with it, not by NOTIFY).
+    assert!(
+        eventually(Duration::from_secs(10), || registry
+            .status()
+            .last_sync_trigger
+            == Some(beamline_registry::Trigger::Reconnect))
+        .await
+    );
     let before = registry.sync_counts().0;
 
     sqlx::query("UPDATE extensions SET timeout_ms = 321 WHERE id = 'normalize_text'")

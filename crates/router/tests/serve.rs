@@ -262,6 +262,10 @@ async fn serve_against_postgres_picks_up_committed_changes() {
         .wait_for("listening for changes", Duration::from_secs(20))
         .to_string();
     assert!(log.contains("source=\"database\""), "{log}");
+    // The full reload that follows LISTEN takes the router's position in the change
+    // log; a change committed before it would be in that reload, and its NOTIFY
+    // would then find nothing new.
+    logs.wait_for("trigger=\"reconnect\"", Duration::from_secs(20));
     sqlx::query("UPDATE extensions SET timeout_ms = 200 WHERE id = 'normalize_text'")
         .execute(&pool)
         .await
@@ -272,5 +276,9 @@ async fn serve_against_postgres_picks_up_committed_changes() {
     signal(&child, libc::SIGTERM);
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert!(child_log.contains("trigger=\"notify\""), "{child_log}");
+    assert!(
+        child_log.contains("scope=\"changes\" changed_keys=1"),
+        "only the changed extension is read again: {child_log}"
+    );
     assert!(status.success());
 }

@@ -1,8 +1,8 @@
 //! gRPC `beamline.flow.v1.RouterAdmin`: the operator API. One method per CLI command
 //! plus the original's policy and status methods. Every method checks the caller's
 //! key and role first (see [`crate::auth`]); writes go to the database in one
-//! audited transaction and are followed by a reload, and are refused while the
-//! registry reads fixtures.
+//! audited transaction and are followed by a sync of what changed, and are refused
+//! while the registry reads fixtures.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,8 +98,15 @@ impl AdminService {
         Ok((pool, config.database_display()))
     }
 
+    /// Makes this router serve the write before the call returns: it reads what
+    /// changed since its last read (the write included), not the whole registry;
+    /// other routers get it by NOTIFY.
     async fn reload_after_write(&self) -> Value {
-        match self.pipeline.registry().reload().await {
+        let registry = self.pipeline.registry();
+        match registry
+            .sync_changes(beamline_registry::Trigger::Manual)
+            .await
+        {
             Ok(r) => json!({"reloaded": true, "generation": r.generation}),
             Err(e) => json!({"reloaded": false, "reload_error": e.to_string()}),
         }

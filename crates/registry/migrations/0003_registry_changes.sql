@@ -55,54 +55,23 @@ LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
     SELECT count(*) FROM gone;
 $$;
 
--- One function per key column, shared by the row-event triggers of its tables. Only
--- the branch of the firing event runs, so each names only the transition tables its
--- trigger has.
-CREATE FUNCTION beamline_registry_log_by_id() RETURNS trigger LANGUAGE plpgsql AS $$
+-- One function for every row-event trigger; its argument names the key column.
+-- Only the branch of the firing event runs, so each reads only the transition
+-- tables its trigger has.
+CREATE FUNCTION beamline_registry_log_keys() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     keys text[];
+    col text := quote_ident(TG_ARGV[0]);
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(DISTINCT id) INTO keys FROM new_rows;
+        EXECUTE format('SELECT array_agg(DISTINCT %s) FROM new_rows', col) INTO keys;
     ELSIF TG_OP = 'UPDATE' THEN
-        SELECT array_agg(DISTINCT k) INTO keys
-        FROM (SELECT id AS k FROM new_rows UNION SELECT id FROM old_rows) changed;
+        EXECUTE format(
+            'SELECT array_agg(DISTINCT k) FROM '
+            '(SELECT %s AS k FROM new_rows UNION SELECT %s FROM old_rows) changed',
+            col, col) INTO keys;
     ELSE
-        SELECT array_agg(DISTINCT id) INTO keys FROM old_rows;
-    END IF;
-    PERFORM beamline_registry_log(TG_TABLE_NAME, keys);
-    RETURN NULL;
-END;
-$$;
-
-CREATE FUNCTION beamline_registry_log_by_extension_id() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    keys text[];
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(DISTINCT extension_id) INTO keys FROM new_rows;
-    ELSIF TG_OP = 'UPDATE' THEN
-        SELECT array_agg(DISTINCT k) INTO keys
-        FROM (SELECT extension_id AS k FROM new_rows UNION SELECT extension_id FROM old_rows) changed;
-    ELSE
-        SELECT array_agg(DISTINCT extension_id) INTO keys FROM old_rows;
-    END IF;
-    PERFORM beamline_registry_log(TG_TABLE_NAME, keys);
-    RETURN NULL;
-END;
-$$;
-
-CREATE FUNCTION beamline_registry_log_by_tenant_id() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    keys text[];
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(DISTINCT tenant_id) INTO keys FROM new_rows;
-    ELSIF TG_OP = 'UPDATE' THEN
-        SELECT array_agg(DISTINCT k) INTO keys
-        FROM (SELECT tenant_id AS k FROM new_rows UNION SELECT tenant_id FROM old_rows) changed;
-    ELSE
-        SELECT array_agg(DISTINCT tenant_id) INTO keys FROM old_rows;
+        EXECUTE format('SELECT array_agg(DISTINCT %s) FROM old_rows', col) INTO keys;
     END IF;
     PERFORM beamline_registry_log(TG_TABLE_NAME, keys);
     RETURN NULL;
@@ -123,48 +92,48 @@ DROP TRIGGER policies_notify ON policies;
 
 CREATE TRIGGER extensions_log_insert AFTER INSERT ON extensions
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('id');
 CREATE TRIGGER extensions_log_update AFTER UPDATE ON extensions
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('id');
 CREATE TRIGGER extensions_log_delete AFTER DELETE ON extensions
     REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('id');
 CREATE TRIGGER extensions_log_truncate AFTER TRUNCATE ON extensions
     FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_truncate();
 
 CREATE TRIGGER extension_versions_log_insert AFTER INSERT ON extension_versions
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('id');
 CREATE TRIGGER extension_versions_log_update AFTER UPDATE ON extension_versions
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('id');
 CREATE TRIGGER extension_versions_log_delete AFTER DELETE ON extension_versions
     REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('id');
 CREATE TRIGGER extension_versions_log_truncate AFTER TRUNCATE ON extension_versions
     FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_truncate();
 
 CREATE TRIGGER extension_instances_log_insert AFTER INSERT ON extension_instances
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_extension_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('extension_id');
 CREATE TRIGGER extension_instances_log_update AFTER UPDATE ON extension_instances
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_extension_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('extension_id');
 CREATE TRIGGER extension_instances_log_delete AFTER DELETE ON extension_instances
     REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_extension_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('extension_id');
 CREATE TRIGGER extension_instances_log_truncate AFTER TRUNCATE ON extension_instances
     FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_truncate();
 
 CREATE TRIGGER policies_log_insert AFTER INSERT ON policies
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_tenant_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('tenant_id');
 CREATE TRIGGER policies_log_update AFTER UPDATE ON policies
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_tenant_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('tenant_id');
 CREATE TRIGGER policies_log_delete AFTER DELETE ON policies
     REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_by_tenant_id();
+    FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_keys('tenant_id');
 CREATE TRIGGER policies_log_truncate AFTER TRUNCATE ON policies
     FOR EACH STATEMENT EXECUTE FUNCTION beamline_registry_log_truncate();

@@ -121,8 +121,15 @@ async fn keyed_changes_share_untouched_entries_and_equal_a_full_reload() {
     let db = TestDatabase::create().await;
     let (pool, registry, stop) = running(&db).await;
 
-    // A statement over 256 rows notifies the bare table name: a full reload.
-    commit_and_settle(&pool, &registry, "UPDATE extensions SET retry = 1").await;
+    // A statement over 256 keys is logged as "read everything": a full reload.
+    commit_and_settle(
+        &pool,
+        &registry,
+        "INSERT INTO extensions (id, type, subject) \
+         SELECT 'bulk-' || g, 'pre', 'beamline.ext.bulk' FROM generate_series(1, 300) g",
+    )
+    .await;
+    assert_eq!(registry.snapshot().counts.extensions, 501);
     assert_eq!(dump(&registry.snapshot()), dump(&full_build(&pool).await));
     let before = registry.snapshot();
 

@@ -52,7 +52,7 @@ impl Handler for Echo {
 }
 
 fn main() {
-    common::tune_allocator_like_the_binary();
+    beamline_test_support::tune_allocator_like_the_binary();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || std::env::var("BENCH_QUICK").is_ok();
     let value_of = |name: &str| {

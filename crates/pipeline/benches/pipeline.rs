@@ -5,7 +5,13 @@
 //!   body, sequential, p50 and p99 (goal ≤ 1.10×).
 //! - P2: Decide throughput with 4 extension steps at concurrency 64 vs raw request
 //!   throughput ÷ 4 (goal ≥ 0.90×), measured in rotating windows together with raw
-//!   requests that carry the protocol's headers (what NATS charges for those).
+//!   requests that carry the protocol's headers (what NATS charges for those) and
+//!   the zero-logic relay.
+//!
+//! The second baseline of P1 and P2, the zero-logic relay, makes exactly the NATS
+//! hops of the pipeline (one request per step, in sequence, with the protocol's
+//! headers and the same body) and nothing else: the ratio to it is what the
+//! pipeline's own logic costs.
 //! - P6: a call refused by an open breaker (goal ≤ 1 µs, no NATS message).
 //!
 //! `cargo bench -p beamline-pipeline --bench pipeline [-- --quick]`. Uses NATS at
@@ -46,16 +52,42 @@ impl Handler for Failing {
 }
 
 /// The headers every pipeline call carries (values as the bench's Decide sends).
-fn protocol_headers() -> async_nats::HeaderMap {
+fn protocol_headers(extension_id: &str) -> async_nats::HeaderMap {
     use beamline_model::wire::{
         HEADER_EXTENSION_ID, HEADER_EXTENSION_VERSION, HEADER_TENANT_ID, HEADER_TRACE_ID,
     };
     let mut h = async_nats::HeaderMap::new();
     h.insert(HEADER_TRACE_ID, "t");
     h.insert(HEADER_TENANT_ID, "bench");
-    h.insert(HEADER_EXTENSION_ID, "e1");
+    h.insert(HEADER_EXTENSION_ID, extension_id);
     h.insert(HEADER_EXTENSION_VERSION, "v1");
     h
+}
+
+/// The zero-logic relay: the NATS hops a Decide of `steps` steps makes — one request
+/// per step, in sequence, with the protocol's headers and the body the pipeline
+/// sends — and nothing else (no policy, no parsing, no bookkeeping).
+async fn relay(
+    client: &async_nats::Client,
+    prefix: &str,
+    steps: usize,
+    body: &bytes::Bytes,
+) -> bool {
+    for step in 1..=steps {
+        let id = format!("e{step}");
+        if client
+            .request_with_headers(
+                format!("{prefix}.{id}"),
+                protocol_headers(&id),
+                body.clone(),
+            )
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// Runs `op` in `conc` concurrent loops for `window` (after a short ramp-up that
@@ -129,7 +161,7 @@ async fn nats() -> (
 }
 
 fn main() {
-    common::tune_allocator_like_the_binary();
+    beamline_test_support::tune_allocator_like_the_binary();
     let quick = std::env::args().any(|a| a == "--quick") || std::env::var("BENCH_QUICK").is_ok();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -232,13 +264,15 @@ async fn run(quick: bool) {
     let warm = n / 10;
 
     // P1 — sequential latency.
+    let body = bytes::Bytes::from(body);
     let mut raw = Vec::with_capacity(n);
     let mut piped = Vec::with_capacity(n);
+    let mut relayed = Vec::with_capacity(n);
     for i in 0..(n + warm) {
-        // Interleave so both see the same machine state.
+        // Interleave so all three see the same machine state.
         let t = Instant::now();
         client
-            .request(raw_subject.clone(), body.clone().into())
+            .request(raw_subject.clone(), body.clone())
             .await
             .expect("raw request");
         let r = t.elapsed();
@@ -248,13 +282,18 @@ async fn run(quick: bool) {
             .await
             .expect("decide");
         let p = t.elapsed();
+        let t = Instant::now();
+        assert!(relay(&client, &prefix, 1, &body).await, "relay request");
+        let z = t.elapsed();
         if i >= warm {
             raw.push(r);
             piped.push(p);
+            relayed.push(z);
         }
     }
     raw.sort();
     piped.sort();
+    relayed.sort();
     let (r50, r99, p50, p99) = (
         percentile(&raw, 0.5),
         percentile(&raw, 0.99),
@@ -274,14 +313,24 @@ async fn run(quick: bool) {
     let conc = 64;
     // Side 0: raw requests; 1: the pipeline; 2: raw requests carrying the protocol's
     // four headers (DESIGN.md §5), which every pipeline call must send: the gap
-    // between 0 and 2 is the cost of the headers in NATS itself.
-    let mut done = [0u64; 3];
+    // between 0 and 2 is the cost of the headers in NATS itself; 3: the zero-logic
+    // relay making the pipeline's four hops per operation.
+    const SIDES: usize = 4;
+    let mut done = [0u64; SIDES];
     let mut window_ratios = Vec::with_capacity(windows as usize);
     for round in 0..windows {
-        let mut pair = [0u64; 3];
-        for k in 0..3 {
-            let side = (round as usize + k) % 3;
+        let mut pair = [0u64; SIDES];
+        for k in 0..SIDES {
+            let side = (round as usize + k) % SIDES;
             pair[side] = match side {
+                3 => {
+                    let (c, prefix, b) = (client.clone(), prefix.clone(), body.clone());
+                    saturate(conc, window, move || {
+                        let (c, prefix, b) = (c.clone(), prefix.clone(), b.clone());
+                        async move { relay(&c, &prefix, 4, &b).await }
+                    })
+                    .await
+                }
                 0 | 2 => {
                     let (c, s, b) = (client.clone(), raw_subject.clone(), body.clone());
                     let with_headers = side == 2;
@@ -289,11 +338,11 @@ async fn run(quick: bool) {
                         let (c, s, b) = (c.clone(), s.clone(), b.clone());
                         async move {
                             if with_headers {
-                                c.request_with_headers(s, protocol_headers(), b.into())
+                                c.request_with_headers(s, protocol_headers("e1"), b)
                                     .await
                                     .is_ok()
                             } else {
-                                c.request(s, b.into()).await.is_ok()
+                                c.request(s, b).await.is_ok()
                             }
                         }
                     })
@@ -309,16 +358,17 @@ async fn run(quick: bool) {
                 }
             };
         }
-        for side in 0..3 {
+        for side in 0..SIDES {
             done[side] += pair[side];
         }
         window_ratios.push(pair[1] as f64 / (pair[0] as f64 / 4.0));
     }
     window_ratios.sort_by(f64::total_cmp);
-    let (raw_done, pipe_done, headed_done) = (done[0], done[1], done[2]);
+    let (raw_done, pipe_done, headed_done, relay_done) = (done[0], done[1], done[2], done[3]);
     let raw_tput = raw_done as f64 / secs;
     let pipe_tput = pipe_done as f64 / secs;
     let headed_tput = headed_done as f64 / secs;
+    let relay_tput = relay_done as f64 / secs;
 
     // P6 — open the breaker, then time refusals.
     for _ in 0..5 {
@@ -387,6 +437,15 @@ async fn run(quick: bool) {
         "≤ 1.10×",
         r <= 1.10,
     );
+    for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
+        let (ours, base) = (percentile(&piped, q), percentile(&relayed, q));
+        println!(
+            "| P1 | 1-step Decide vs the zero-logic relay (the same hop with the protocol's headers, no logic), {label} | {} | {} | {:.3}× | (context) | |",
+            us(ours),
+            us(base),
+            ours.as_secs_f64() / base.as_secs_f64()
+        );
+    }
     let r = pipe_tput / (raw_tput / 4.0);
     row(
         "P2",
@@ -396,6 +455,10 @@ async fn run(quick: bool) {
         r,
         "≥ 0.90×",
         r >= 0.90,
+    );
+    let r = pipe_tput / relay_tput;
+    println!(
+        "| P2 | the same vs the zero-logic relay (the pipeline's four hops per operation with the protocol's headers, no logic) | {pipe_tput:.0}/s | {relay_tput:.0}/s | {r:.3}× | (context) | |"
     );
     let r = pipe_tput / (headed_tput / 4.0);
     println!(

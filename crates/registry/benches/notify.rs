@@ -46,6 +46,7 @@ const ID: &str = "x";
 const BASELINE_CHANNEL: &str = "beamline_bench_baseline";
 
 fn main() {
+    beamline_test_support::tune_allocator_like_the_binary();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || std::env::var("BENCH_QUICK").is_ok();
     let rt = tokio::runtime::Builder::new_multi_thread()

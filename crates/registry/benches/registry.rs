@@ -90,6 +90,7 @@ fn dataset() -> Dataset {
 }
 
 fn lookups(c: &mut Criterion) {
+    beamline_test_support::tune_allocator_like_the_binary();
     let snapshot =
         Snapshot::build(dataset(), &Limits::default(), ActiveSource::Fixtures, 1).unwrap();
     let ids: Vec<String> = (0..N)
@@ -171,6 +172,7 @@ FROM generate_series(0, 9999) AS i;
 }
 
 fn reloads(c: &mut Criterion) {
+    beamline_test_support::tune_allocator_like_the_binary();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

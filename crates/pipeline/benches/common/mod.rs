@@ -9,19 +9,6 @@ use beamline_registry::Origin;
 use beamline_registry::dataset::{Dataset, Sourced};
 use serde_json::json;
 
-/// The binary's allocator tuning (`tune_allocator` in crates/router/src/main.rs):
-/// mimalloc returns freed pages at once. Call first thing in `main`.
-pub fn tune_allocator_like_the_binary() {
-    // SAFETY: as in the binary; index 15 is `mi_option_purge_delay` (default 10 ms
-    // in mimalloc v2, 1 s in v3), checked by the router's test
-    // `the_purge_delay_option_is_found_and_set`.
-    unsafe {
-        if [10, 1000].contains(&libmimalloc_sys::mi_option_get(15)) {
-            libmimalloc_sys::mi_option_set(15, 0);
-        }
-    }
-}
-
 /// The id of extension `i` (`ext_00042`).
 pub fn ext_id(i: usize) -> String {
     format!("ext_{i:05}")

@@ -352,3 +352,53 @@ impl RuntimeTable {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Threads racing to create the same keys end up sharing one value per key, and
+    /// `make` runs once per key.
+    #[test]
+    fn racing_inserts_create_each_value_once() {
+        let map: Arc<ShardedMap<usize>> = Arc::new(ShardedMap::default());
+        let made = Arc::new(AtomicUsize::new(0));
+        let keys: Vec<String> = (0..2_000).map(|i| format!("ext_{i:05}")).collect();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (map, made, keys) = (map.clone(), made.clone(), keys.clone());
+                std::thread::spawn(move || {
+                    // Each thread walks all the keys in its own order (strides
+                    // coprime with their number).
+                    let stride = [1, 3, 7, 9][t];
+                    let mut got = Vec::with_capacity(keys.len());
+                    for i in 0..keys.len() {
+                        let k = &keys[(i * stride) % keys.len()];
+                        let v = map.get_or_insert_with(k, || {
+                            made.fetch_add(1, Ordering::Relaxed);
+                            k.len()
+                        });
+                        got.push((k.clone(), v));
+                    }
+                    got
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        assert_eq!(made.load(Ordering::Relaxed), keys.len());
+        assert_eq!(map.len(), keys.len());
+        for got in &results {
+            for (k, v) in got {
+                let stored = map.get(k).expect("inserted");
+                assert!(Arc::ptr_eq(v, &stored), "{k} has two values");
+            }
+        }
+        let mut listed: Vec<String> = map.entries().into_iter().map(|(k, _)| k).collect();
+        listed.sort();
+        assert_eq!(listed, keys);
+    }
+}

@@ -288,20 +288,33 @@ impl Registry {
             Err(e) => return self.finish(trigger, &config, started, Err(e), Some(0)),
         };
         if changes.is_empty() {
-            // Nothing the registry serves changed (our own notification raced a sync
-            // that already read it): the current snapshot is still exact.
+            // Nothing the registry serves changed (a notification raced a sync that
+            // already read it): the current snapshot is still exact, and the sync
+            // succeeded — it counts as one, so the sync-failure ratio the alerts
+            // watch keeps its denominator.
+            let mut report = self.report_of(&current, Some(0));
+            report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+            self.record_success(trigger, Utc::now(), report.duration_ms);
             tracing::debug!(
                 trigger = trigger.as_str(),
                 generation = current.generation,
                 "Extension Registry: nothing changed since the last read"
             );
-            return Ok(self.report_of(&current, Some(0)));
+            return Ok(report);
         }
         let generation = self.inner.generation.load(Ordering::Relaxed) + 1;
         let built = current
             .apply_changes(data, &changes, &limits, generation)
             .map(|s| (s, None));
         self.finish(trigger, &config, started, built, Some(changes.len()))
+    }
+
+    fn record_success(&self, trigger: Trigger, at: DateTime<Utc>, duration_ms: f64) {
+        self.inner.sync_success.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock_state();
+        st.last_sync_at = Some(at);
+        st.last_sync_trigger = Some(trigger);
+        st.last_sync_duration_ms = Some(duration_ms);
     }
 
     fn report_of(&self, snapshot: &Snapshot, changed_keys: Option<usize>) -> ReloadReport {
@@ -365,13 +378,7 @@ impl Registry {
                     .generation
                     .store(snapshot.generation, Ordering::Relaxed);
                 self.inner.snapshot.store(Arc::new(snapshot));
-                self.inner.sync_success.fetch_add(1, Ordering::Relaxed);
-                {
-                    let mut st = self.lock_state();
-                    st.last_sync_at = Some(now);
-                    st.last_sync_trigger = Some(trigger);
-                    st.last_sync_duration_ms = Some(report.duration_ms);
-                }
+                self.record_success(trigger, now, report.duration_ms);
                 tracing::info!(
                     source = report.source.as_str(),
                     mode = config.source.as_str(),

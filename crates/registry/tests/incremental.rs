@@ -349,3 +349,26 @@ async fn an_unkeyed_notify_is_a_full_reload() {
     ));
     stop.cancel();
 }
+
+/// A sync that finds nothing new changes nothing but still counts as a successful
+/// sync (the alerts' failure ratio divides by all syncs).
+#[tokio::test]
+async fn a_sync_with_nothing_new_counts_and_changes_nothing() {
+    let db = TestDatabase::create().await;
+    let (_pool, registry, stop) = running(&db).await;
+    let before = registry.snapshot();
+    let (ok_before, errors_before) = registry.sync_counts();
+    let report = registry
+        .sync_changes(Trigger::Manual)
+        .await
+        .expect("nothing to read is a success");
+    assert_eq!(report.changed_keys, Some(0));
+    assert_eq!(report.generation, before.generation);
+    assert!(
+        Arc::ptr_eq(&before, &registry.snapshot()),
+        "no new snapshot"
+    );
+    assert_eq!(registry.sync_counts(), (ok_before + 1, errors_before));
+    assert_eq!(registry.status().last_sync_trigger, Some(Trigger::Manual));
+    stop.cancel();
+}

@@ -1,5 +1,6 @@
 //! The PostgreSQL source: migrations, one consistent read of every registry table,
-//! and the NOTIFY channel that tells routers a change was committed.
+//! the read of only what changed since an earlier read (`registry_changes`), and the
+//! NOTIFY channel that tells routers a change was committed.
 
 use beamline_model::{ExtensionRecord, InstanceRecord, VersionRecord};
 use chrono::{DateTime, Utc};

@@ -3,13 +3,15 @@
 //! It reads extensions, versions, instances and policies from fixtures or PostgreSQL,
 //! validates them whole into an immutable [`Snapshot`], and serves that snapshot
 //! behind one atomic pointer while a sync task keeps it current (periodic resync plus
-//! LISTEN/NOTIFY).
+//! LISTEN/NOTIFY, where a notification makes the router read only what changed since
+//! its last read, from migration 0003's `registry_changes` log).
 //!
 //! Layout:
 //! - [`config`]: `[extension_registry]` and the source modes.
 //! - [`fixtures`], [`database`]: the two sources; each yields a [`Dataset`].
 //! - [`snapshot`]: validation of a whole dataset and the read API (lookup, resolve,
-//!   list by type, instances, policies).
+//!   list by type, instances, policies); a snapshot is patched with a change set or
+//!   rebuilt keeping unchanged entries.
 //! - [`registry`]: the running registry — atomic swap, reloads, auto fallback, sync.
 //! - [`writes`]: operator writes (one transaction each, audit-logged).
 //! - [`health_store`]: the `extension_health` table: periodic upserts, manual resets.

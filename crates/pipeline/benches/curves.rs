@@ -33,7 +33,8 @@ use beamline_model::{Limits, SecretUrl};
 use beamline_pipeline::{BreakerConfig, DecideRequest, Pipeline, PipelineConfig};
 use beamline_registry::{ActiveSource, Registry, RegistryConfig, Snapshot, SourceMode};
 use beamline_sdk::{ExtensionError, Handler, Response, ServeOptions};
-use common::{dataset, ext_id, percentile};
+use beamline_test_support::bench::percentile;
+use common::{dataset, ext_id, nats};
 use serde_json::{Map, json};
 
 /// The allocator the router binary uses, so the bench measures what ships.
@@ -52,7 +53,7 @@ impl Handler for Echo {
 }
 
 fn main() {
-    beamline_test_support::tune_allocator_like_the_binary();
+    beamline_test_support::bench::tune_allocator_like_the_binary();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || std::env::var("BENCH_QUICK").is_ok();
     let value_of = |name: &str| {
@@ -127,22 +128,6 @@ fn request(policy: &str) -> DecideRequest {
         policy_id: policy.into(),
         context: Map::new(),
     }
-}
-
-async fn nats() -> (
-    async_nats::Client,
-    Option<beamline_test_support::NatsServer>,
-) {
-    let url = beamline_test_support::nats_url();
-    if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(&url)).await
-    {
-        return (c, None);
-    }
-    let server = beamline_test_support::NatsServer::start();
-    let c = async_nats::connect(server.url())
-        .await
-        .expect("own nats-server");
-    (c, Some(server))
 }
 
 /// One point: `concurrency` tasks calling `op` in a loop for `run` (after `warm`).
@@ -339,42 +324,6 @@ async fn decide(quick: bool, steps: &[usize], concurrency: &[usize], out: &Path)
 // ---------------------------------------------------------------------------
 // Reload vs registry size.
 
-async fn seed(pool: &sqlx::PgPool, n: usize) -> Result<(), sqlx::Error> {
-    let last = n as i32 - 1;
-    sqlx::query(
-        r#"
-INSERT INTO extensions (id, type, subject, timeout_ms, retry, config, metadata)
-SELECT 'ext_' || lpad(i::text, 5, '0'), (ARRAY['pre','validator','post','provider'])[i % 4 + 1],
-       'beamline.ext.pre.ext_' || i || '.v1', 100, 1, '{"max_length": 1000}', '{"description": "bench"}'
-FROM generate_series(0, $1) AS i"#,
-    )
-    .bind(last)
-    .execute(pool)
-    .await?;
-    sqlx::query(
-        r#"
-INSERT INTO extension_versions (id, version, subject, timeout_ms, retry, routing_rules)
-SELECT 'ext_' || lpad(i::text, 5, '0'), v, 'beamline.ext.pre.ext_' || i || '.' || v, 150, 1,
-       CASE v WHEN 'v2' THEN '{"tenant_id": ["premium_tenant", "standard_tenant"]}'::jsonb ELSE '{"tenant_id": []}'::jsonb END
-FROM generate_series(0, $1) AS i, (VALUES ('v2'), ('v3')) AS vs(v)"#,
-    )
-    .bind(last)
-    .execute(pool)
-    .await?;
-    sqlx::query(
-        r#"
-INSERT INTO extension_instances (extension_id, instance_id, subject, weight, health_status)
-SELECT 'ext_' || lpad(i::text, 5, '0'), 'i1', 'beamline.ext.pre.ext_' || i || '.v1', 100, 'healthy'
-FROM generate_series(0, $1) AS i"#,
-    )
-    .bind(last)
-    .execute(pool)
-    .await?;
-    // What autovacuum would soon do on a real database: planner statistics.
-    sqlx::query("ANALYZE").execute(pool).await?;
-    Ok(())
-}
-
 fn median_ms(mut v: Vec<Duration>) -> (f64, f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -413,7 +362,9 @@ async fn reload(quick: bool, sizes: Option<Vec<usize>>, out: &Path) -> Result<()
         beamline_registry::database::migrate(&pool, "bench")
             .await
             .map_err(|e| format!("migrate: {e}"))?;
-        seed(&pool, n).await.map_err(|e| format!("seed: {e}"))?;
+        beamline_test_support::bench::seed_bench_registry(&pool, n, "ext_00000")
+            .await
+            .map_err(|e| format!("seed: {e}"))?;
         let registry = Registry::start(
             RegistryConfig {
                 source: SourceMode::Database,

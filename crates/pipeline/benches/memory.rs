@@ -170,7 +170,7 @@ fn peak_rss() -> u64 {
 }
 
 fn main() {
-    beamline_test_support::tune_allocator_like_the_binary();
+    beamline_test_support::bench::tune_allocator_like_the_binary();
     let args: Vec<String> = std::env::args().collect();
     let value_of = |name: &str| {
         args.iter()

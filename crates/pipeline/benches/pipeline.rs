@@ -28,6 +28,8 @@ use beamline_model::wire::{ExtensionRequest, Message};
 use beamline_pipeline::{BreakerConfig, DecideRequest, InvokerConfig, Pipeline, PipelineConfig};
 use beamline_registry::{Registry, RegistryConfig, SourceMode};
 use beamline_sdk::{ExtensionError, Handler, Response, ServeOptions};
+use beamline_test_support::bench::percentile;
+use common::nats;
 use serde_json::{Map, json};
 
 /// The allocator the router binary uses, so the bench measures what ships.
@@ -123,11 +125,6 @@ where
     done.load(Ordering::Relaxed)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
 fn request(text: &str, policy: &str) -> DecideRequest {
     DecideRequest {
         request_id: "bench".into(),
@@ -144,24 +141,8 @@ fn request(text: &str, policy: &str) -> DecideRequest {
     }
 }
 
-async fn nats() -> (
-    async_nats::Client,
-    Option<beamline_test_support::NatsServer>,
-) {
-    let url = beamline_test_support::nats_url();
-    if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(&url)).await
-    {
-        return (c, None);
-    }
-    let server = beamline_test_support::NatsServer::start();
-    let c = async_nats::connect(server.url())
-        .await
-        .expect("own nats-server");
-    (c, Some(server))
-}
-
 fn main() {
-    beamline_test_support::tune_allocator_like_the_binary();
+    beamline_test_support::bench::tune_allocator_like_the_binary();
     let quick = std::env::args().any(|a| a == "--quick") || std::env::var("BENCH_QUICK").is_ok();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use beamline_model::{Limits, SecretUrl};
 use beamline_registry::{Registry, RegistryConfig, SourceMode};
+use beamline_test_support::bench::percentile;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +47,7 @@ const ID: &str = "x";
 const BASELINE_CHANNEL: &str = "beamline_bench_baseline";
 
 fn main() {
-    beamline_test_support::tune_allocator_like_the_binary();
+    beamline_test_support::bench::tune_allocator_like_the_binary();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || std::env::var("BENCH_QUICK").is_ok();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -119,7 +120,7 @@ async fn run(quick: bool) -> Result<(), String> {
         beamline_registry::database::migrate(&pool, "bench")
             .await
             .map_err(|e| format!("migration failed: {e}"))?;
-        seed(&pool, n)
+        beamline_test_support::bench::seed_bench_registry(&pool, n, ID)
             .await
             .map_err(|e| format!("seeding failed: {e}"))?;
         eprintln!(
@@ -293,55 +294,6 @@ async fn run(quick: bool) -> Result<(), String> {
             }
         );
     }
-    Ok(())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-/// `n` extensions: 'x' plus `ext_00001`…, two versions and one instance each (the
-/// shape of the P4 dataset).
-async fn seed(pool: &PgPool, n: usize) -> Result<(), sqlx::Error> {
-    let last = n as i32 - 1;
-    sqlx::query(
-        r#"
-INSERT INTO extensions (id, type, subject, timeout_ms, retry, config, metadata)
-SELECT CASE WHEN i = 0 THEN 'x' ELSE 'ext_' || lpad(i::text, 5, '0') END,
-       (ARRAY['pre','validator','post','provider'])[i % 4 + 1],
-       'beamline.ext.pre.ext_' || i || '.v1', 100, 1, '{"max_length": 1000}', '{"description": "bench"}'
-FROM generate_series(0, $1) AS i"#,
-    )
-    .bind(last)
-    .execute(pool)
-    .await?;
-    sqlx::query(
-        r#"
-INSERT INTO extension_versions (id, version, subject, timeout_ms, retry, routing_rules)
-SELECT CASE WHEN i = 0 THEN 'x' ELSE 'ext_' || lpad(i::text, 5, '0') END, v,
-       'beamline.ext.pre.ext_' || i || '.' || v, 150, 1,
-       CASE v WHEN 'v2' THEN '{"tenant_id": ["premium_tenant", "standard_tenant"]}'::jsonb ELSE '{"tenant_id": []}'::jsonb END
-FROM generate_series(0, $1) AS i, (VALUES ('v2'), ('v3')) AS vs(v)"#,
-    )
-    .bind(last)
-    .execute(pool)
-    .await?;
-    sqlx::query(
-        r#"
-INSERT INTO extension_instances (extension_id, instance_id, subject, weight, health_status)
-SELECT CASE WHEN i = 0 THEN 'x' ELSE 'ext_' || lpad(i::text, 5, '0') END, 'i1',
-       'beamline.ext.pre.ext_' || i || '.v1', 100, 'healthy'
-FROM generate_series(0, $1) AS i"#,
-    )
-    .bind(last)
-    .execute(pool)
-    .await?;
-    // What autovacuum would soon do on a real database: planner statistics.
-    sqlx::query("ANALYZE").execute(pool).await?;
     Ok(())
 }
 

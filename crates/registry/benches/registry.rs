@@ -90,7 +90,7 @@ fn dataset() -> Dataset {
 }
 
 fn lookups(c: &mut Criterion) {
-    beamline_test_support::tune_allocator_like_the_binary();
+    beamline_test_support::bench::tune_allocator_like_the_binary();
     let snapshot =
         Snapshot::build(dataset(), &Limits::default(), ActiveSource::Fixtures, 1).unwrap();
     let ids: Vec<String> = (0..N)
@@ -150,29 +150,13 @@ async fn seed(url: &str) -> Result<(), sqlx::Error> {
     beamline_registry::database::migrate(&pool, "bench")
         .await
         .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-    sqlx::raw_sql(
-        r#"
-INSERT INTO extensions (id, type, subject, timeout_ms, retry, config, metadata)
-SELECT 'ext_' || lpad(i::text, 5, '0'), (ARRAY['pre','validator','post','provider'])[i % 4 + 1],
-       'beamline.ext.pre.ext_' || i || '.v1', 100, 1, '{"max_length": 1000}', '{"description": "bench"}'
-FROM generate_series(0, 9999) AS i;
-INSERT INTO extension_versions (id, version, subject, timeout_ms, retry, routing_rules)
-SELECT 'ext_' || lpad(i::text, 5, '0'), v, 'beamline.ext.pre.ext_' || i || '.' || v, 150, 1,
-       CASE v WHEN 'v2' THEN '{"tenant_id": ["premium_tenant", "standard_tenant"]}'::jsonb ELSE '{"tenant_id": []}'::jsonb END
-FROM generate_series(0, 9999) AS i, (VALUES ('v2'), ('v3')) AS vs(v);
-INSERT INTO extension_instances (extension_id, instance_id, subject, weight, health_status)
-SELECT 'ext_' || lpad(i::text, 5, '0'), 'i1', 'beamline.ext.pre.ext_' || i || '.v1', 100, 'healthy'
-FROM generate_series(0, 9999) AS i;
-"#,
-    )
-    .execute(&pool)
-    .await?;
+    beamline_test_support::bench::seed_bench_registry(&pool, 10_000, "ext_00000").await?;
     pool.close().await;
     Ok(())
 }
 
 fn reloads(c: &mut Criterion) {
-    beamline_test_support::tune_allocator_like_the_binary();
+    beamline_test_support::bench::tune_allocator_like_the_binary();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -14,8 +14,8 @@
 //! - [`PgCluster`]: a throwaway PostgreSQL cluster (initdb in a temporary directory)
 //!   on a free port, which the test can stop and restart in the same way.
 //! - [`free_port`]: a TCP port on 127.0.0.1 that was free a moment ago.
-//! - [`tune_allocator_like_the_binary`]: for benches that run on mimalloc, the
-//!   router binary's allocator tuning, so they measure what ships.
+//! - [`bench`]: what the benches of several crates share (the benchmark registry
+//!   dataset in PostgreSQL, percentiles, the binary's allocator tuning).
 //!
 //! Everything cleans up after itself: dropping a value stops its server and removes
 //! its directory, also while a test unwinds from a panic. Server processes are
@@ -52,6 +52,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 mod database;
 mod nats;
 mod postgres;
@@ -104,20 +105,6 @@ fn env_or(name: &str, default: &str) -> String {
     match std::env::var(name) {
         Ok(value) if !value.trim().is_empty() => value,
         _ => default.to_owned(),
-    }
-}
-
-/// The router binary's allocator tuning (`tune_allocator` in
-/// crates/router/src/main.rs): mimalloc returns freed pages at once. For benches with
-/// mimalloc as their global allocator; call it first thing in `main`.
-pub fn tune_allocator_like_the_binary() {
-    // SAFETY: sets a process-wide option. Index 15 is `mi_option_purge_delay`, whose
-    // default is 10 ms in mimalloc v2 and 1 s in v3; the router's test
-    // `the_purge_delay_option_is_found_and_set` checks the index.
-    unsafe {
-        if [10, 1000].contains(&libmimalloc_sys::mi_option_get(15)) {
-            libmimalloc_sys::mi_option_set(15, 0);
-        }
     }
 }
 

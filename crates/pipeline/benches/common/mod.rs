@@ -1,4 +1,4 @@
-//! Shared by the `memory` and `curves` benches (not a bench target itself).
+//! Shared by the `memory`, `curves` and `pipeline` benches (not a bench target itself).
 
 #![allow(dead_code)]
 
@@ -96,11 +96,20 @@ pub fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
-/// The `p` quantile (0..=1) of sorted samples, nearest rank.
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
+/// A client of the NATS at `NATS_URL`, or of a nats-server of the bench's own when
+/// none answers there (kept alive by the returned handle).
+pub async fn nats() -> (
+    async_nats::Client,
+    Option<beamline_test_support::NatsServer>,
+) {
+    let url = beamline_test_support::nats_url();
+    if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(&url)).await
+    {
+        return (c, None);
     }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
+    let server = beamline_test_support::NatsServer::start();
+    let c = async_nats::connect(server.url())
+        .await
+        .expect("own nats-server");
+    (c, Some(server))
 }

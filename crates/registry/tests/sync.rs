@@ -192,6 +192,22 @@ async fn database_outage_keeps_the_snapshot_and_resyncs_missed_changes() {
         "last good snapshot keeps serving"
     );
     assert!(registry.reload().await.is_err());
+    // The change-log read (what a NOTIFY or an admin write triggers) fails the same
+    // way: counted, the reason kept, the snapshot untouched.
+    let generation = registry.snapshot().generation;
+    let errors = registry.sync_counts().1;
+    let err = registry
+        .sync_changes(beamline_registry::Trigger::Manual)
+        .await
+        .expect_err("no database to read the changes from");
+    assert_eq!(
+        err.kind(),
+        beamline_registry::ErrorKind::Unreachable,
+        "{err}"
+    );
+    assert_eq!(registry.sync_counts().1, errors + 1);
+    assert_eq!(registry.snapshot().generation, generation);
+    assert!(registry.status().last_error.is_some());
 
     pg.restart();
     // A change committed before the router reconnects: its NOTIFY is lost to us.

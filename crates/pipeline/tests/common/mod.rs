@@ -112,6 +112,20 @@ impl Harness {
             .connect(nats_url)
             .await
             .expect("NATS");
+        // With retry_on_initial_connect, `connect` returns before the connection is
+        // up; the invoker refuses calls while it is not (NatsDown), so a test's first
+        // Decide must wait for it, as `serve` does at start.
+        let up = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !matches!(
+            client.connection_state(),
+            async_nats::connection::State::Connected
+        ) {
+            assert!(
+                tokio::time::Instant::now() < up,
+                "NATS at {nats_url} did not connect within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         let pipeline = Pipeline::new(registry, client.clone(), config, breaker, limits);
         Harness {
             pipeline,

@@ -62,6 +62,11 @@ async fn nats_killed_and_restarted_under_load() {
     )
     .await
     .unwrap();
+    wait_connected(&ext_client).await;
+    ext_client
+        .flush()
+        .await
+        .expect("the extension's subscription reaches NATS");
     assert_eq!(
         h.pipeline
             .decide(h.request("x"))

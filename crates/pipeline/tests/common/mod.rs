@@ -112,20 +112,9 @@ impl Harness {
             .connect(nats_url)
             .await
             .expect("NATS");
-        // With retry_on_initial_connect, `connect` returns before the connection is
-        // up; the invoker refuses calls while it is not (NatsDown), so a test's first
-        // Decide must wait for it, as `serve` does at start.
-        let up = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !matches!(
-            client.connection_state(),
-            async_nats::connection::State::Connected
-        ) {
-            assert!(
-                tokio::time::Instant::now() < up,
-                "NATS at {nats_url} did not connect within 10 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        // The invoker refuses calls while the connection is not up (NatsDown), so a
+        // test's first Decide must wait for it, as `serve` does at start.
+        wait_connected(&client).await;
         let pipeline = Pipeline::new(registry, client.clone(), config, breaker, limits);
         Harness {
             pipeline,
@@ -303,4 +292,20 @@ pub async fn serve_raw(
 
 pub fn ext(id: &str, t: &str, timeout_ms: u64, retry: u64) -> Value {
     json!({"id": id, "type": t, "subject": format!("{{p}}.{id}"), "timeout_ms": timeout_ms, "retry": retry})
+}
+
+/// Waits (up to 10 s) until `client` is connected: with `retry_on_initial_connect`,
+/// `connect` returns before the connection is up.
+pub async fn wait_connected(client: &async_nats::Client) {
+    let up = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !matches!(
+        client.connection_state(),
+        async_nats::connection::State::Connected
+    ) {
+        assert!(
+            tokio::time::Instant::now() < up,
+            "NATS did not connect within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }

@@ -126,6 +126,14 @@ impl RoutingRules {
         self.rules.is_empty()
     }
 
+    /// True when no context can match: some key lists no value, as the runbook's
+    /// rollback writes (`{"tenant_id": []}`). Such a version receives no traffic.
+    pub fn matches_nothing(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|(_, rule)| matches!(rule, RuleValue::OneOf(list) if list.is_empty()))
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &(String, RuleValue)> {
         self.rules.iter()
     }

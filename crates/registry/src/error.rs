@@ -14,6 +14,9 @@ pub enum Origin {
     Builtin { name: String, item: Option<String> },
     /// A database row, with its primary key spelled out.
     Row { table: &'static str, key: String },
+    /// Records sent to the admin API (`ext add`), named by where the operator took
+    /// them from (a file name, or "the command line").
+    Request { name: String, item: Option<String> },
 }
 
 impl fmt::Display for Origin {
@@ -34,6 +37,13 @@ impl fmt::Display for Origin {
                 Ok(())
             }
             Origin::Row { table, key } => write!(f, "table {table}, row {key}"),
+            Origin::Request { name, item } => {
+                write!(f, "{name}")?;
+                if let Some(item) = item {
+                    write!(f, ", {item}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -56,6 +66,8 @@ pub enum ErrorKind {
     Unsupported,
     /// The record asked for does not exist.
     NotFound,
+    /// The record to create exists already.
+    Conflict,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +95,8 @@ pub enum RegistryError {
     Unsupported(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl RegistryError {
@@ -97,6 +111,7 @@ impl RegistryError {
             RegistryError::Database { .. } => ErrorKind::Database,
             RegistryError::Unsupported(_) => ErrorKind::Unsupported,
             RegistryError::NotFound(_) => ErrorKind::NotFound,
+            RegistryError::Conflict(_) => ErrorKind::Conflict,
         }
     }
 

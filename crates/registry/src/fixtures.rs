@@ -117,6 +117,17 @@ pub fn parse_str(name: &str, text: &str) -> Result<Dataset, RegistryError> {
     Ok(data)
 }
 
+/// Parses extension records sent to the admin API (`ext add`), in the fixture file
+/// format; errors name `source_name` and the item.
+pub fn parse_request(source_name: &str, text: &str) -> Result<Dataset, RegistryError> {
+    let mut data = Dataset::default();
+    parse_extension_file(text, &mut data, |item| Origin::Request {
+        name: source_name.to_string(),
+        item,
+    })?;
+    Ok(data)
+}
+
 /// The fixtures compiled into the binary.
 pub fn load_builtin(with_policies: bool) -> Result<Dataset, RegistryError> {
     let mut data = Dataset::default();
@@ -318,6 +329,10 @@ fn nested(origin: &Origin, inner: &str) -> Origin {
             item: join(item),
         },
         Origin::Builtin { name, item } => Origin::Builtin {
+            name: name.clone(),
+            item: join(item),
+        },
+        Origin::Request { name, item } => Origin::Request {
             name: name.clone(),
             item: join(item),
         },

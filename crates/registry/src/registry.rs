@@ -362,7 +362,7 @@ impl Registry {
                 snapshot.loaded_at = now;
                 if changed_keys.is_none() {
                     for w in &snapshot.warnings {
-                        tracing::warn!(warning = %w, "policy references a missing or mistyped extension");
+                        tracing::warn!(warning = %w, "a policy will not work as written");
                     }
                 }
                 let report = ReloadReport {

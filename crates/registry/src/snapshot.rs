@@ -375,6 +375,26 @@ impl Snapshot {
         find(tenant).or_else(|| find(FALLBACK_TENANT))
     }
 
+    /// Why a tenant without a policy of its own gets `policy_not_found`: the fallback
+    /// policy `default` of tenant [`FALLBACK_TENANT`] is missing or disabled.
+    pub fn fallback_policy_warning(&self) -> Option<String> {
+        if self.policy(FALLBACK_TENANT, "default").is_some() {
+            return None;
+        }
+        Some(format!(
+            "no enabled policy 'default' of tenant '{FALLBACK_TENANT}': a request without a policy of its tenant's own gets policy_not_found (write one with `beamline-router policy upsert {FALLBACK_TENANT} default --file FILE`, or `beamline-router migrate --seed-default`)"
+        ))
+    }
+
+    /// [`warnings_of`] one policy against this snapshot's extensions.
+    pub fn warnings_for(&self, policy: &Policy) -> Vec<String> {
+        let at = format!(
+            "policy '{}' of tenant '{}'",
+            policy.policy_id, policy.tenant_id
+        );
+        warnings_of(policy, &at, |id| self.lookup(id).map(|e| e.ext_type))
+    }
+
     /// Every policy (enabled or not), sorted by tenant and id.
     pub fn policies(&self) -> Vec<Arc<Policy>> {
         let mut all: Vec<Arc<Policy>> = self
@@ -588,25 +608,47 @@ fn build_policies(
 }
 
 /// A warning for every policy field that names an extension that does not exist or
-/// has another type, in tenant and policy order.
+/// has another type, and for every provider that names a provider extension by
+/// `name` only, in tenant and policy order.
 fn policy_warnings(policies: &PolicyMap, extensions: &EntryMap) -> Vec<String> {
     let mut all: Vec<&PolicyEntry> = policies.values().flat_map(HashMap::values).collect();
     all.sort_by(|a, b| {
         (&a.policy.tenant_id, &a.policy.policy_id).cmp(&(&b.policy.tenant_id, &b.policy.policy_id))
     });
+    all.into_iter()
+        .flat_map(|PolicyEntry { policy, origin }| {
+            warnings_of(policy, origin, |id| {
+                extensions.get(id).map(|e| e.base.ext_type)
+            })
+        })
+        .collect()
+}
+
+/// What will not work as written in one policy, given the type of each extension id
+/// (`None`: no such extension). `at` names the policy in the messages.
+pub fn warnings_of(
+    policy: &Policy,
+    at: &dyn std::fmt::Display,
+    type_of: impl Fn(&str) -> Option<ExtensionType>,
+) -> Vec<String> {
     let mut warnings = Vec::new();
-    for PolicyEntry { policy, origin } in all {
-        for (field, expected, id) in policy.extension_refs() {
-            match extensions.get(id.as_str()) {
-                None => warnings.push(format!(
-                    "{origin}: field `{field}`: extension '{id}' does not exist; requests using this policy will fail with extension_not_found"
-                )),
-                Some(e) if e.base.ext_type != expected => warnings.push(format!(
-                    "{origin}: field `{field}`: extension '{id}' is of type {}, not {expected}; requests using this policy will fail with invalid_request",
-                    e.base.ext_type
-                )),
-                Some(_) => {}
-            }
+    for (field, expected, id) in policy.extension_refs() {
+        match type_of(&id) {
+            None => warnings.push(format!(
+                "{at}: field `{field}`: extension '{id}' does not exist; requests using this policy will fail with extension_not_found"
+            )),
+            Some(t) if t != expected => warnings.push(format!(
+                "{at}: field `{field}`: extension '{id}' is of type {t}, not {expected}; requests using this policy will fail with invalid_request"
+            )),
+            Some(_) => {}
+        }
+    }
+    for (i, p) in policy.document.providers.iter().enumerate() {
+        if p.extension.is_none() && type_of(&p.name) == Some(ExtensionType::Provider) {
+            warnings.push(format!(
+                "{at}: field `providers[{i}]`: provider '{name}' has the name of a provider extension but no \"extension\": it is chosen but never called (add \"extension\": \"{name}\")",
+                name = p.name
+            ));
         }
     }
     warnings

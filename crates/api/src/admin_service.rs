@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use beamline_model::{ExtensionType, Policy};
 use beamline_pipeline::Pipeline;
-use beamline_registry::writes::{self, ExtensionChange};
+use beamline_registry::writes::{self, ExtensionChange, InstanceChange, NewVersion, Routing};
 use beamline_registry::{ActiveSource, ErrorKind, RegistryError, SourceMode};
 use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
@@ -45,6 +45,7 @@ pub fn status_of_registry(e: &RegistryError) -> Status {
     match e.kind() {
         ErrorKind::InvalidData => Status::invalid_argument(m),
         ErrorKind::NotFound => Status::not_found(m),
+        ErrorKind::Conflict => Status::already_exists(m),
         ErrorKind::Unreachable => Status::unavailable(m),
         ErrorKind::SchemaMissing | ErrorKind::Unsupported | ErrorKind::Io => {
             Status::failed_precondition(m)
@@ -88,7 +89,7 @@ impl AdminService {
                 .map(|d| d.display().to_string())
                 .unwrap_or_else(|| "the fixtures folder".into());
             return Err(Status::failed_precondition(format!(
-                "the registry reads fixtures (source = {}), so {what} cannot be written through the API: edit the file in {dir} and run `beamline-router registry reload`",
+                "the registry reads fixtures (source = {}), so {what} cannot be written through the API: edit the files in {dir} and run `beamline-router registry reload`",
                 config.source
             )));
         }
@@ -136,6 +137,72 @@ impl AdminService {
         reply(
             json!({"extension": outcome.new, "previous": outcome.old, "changed_by": caller.name, "reload": reload}),
         )
+    }
+
+    /// A registry write: checks the role, refuses it in fixtures mode, runs `write`
+    /// (one audited transaction), then makes this router serve it. The reply is
+    /// `write`'s object plus `changed_by` and `reload`.
+    async fn write<T>(
+        &self,
+        req: &Request<T>,
+        role: Role,
+        what: &'static str,
+        write: impl AsyncFnOnce(&sqlx::PgPool, &str, &str) -> Result<Value, RegistryError>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let caller = self.check(req, role, "extension")?;
+        let (pool, db) = self.writable(what)?;
+        let mut result = write(&pool, &db, &caller.name)
+            .await
+            .map_err(|e| status_of_registry(&e))?;
+        let reload = self.reload_after_write().await;
+        if let Value::Object(m) = &mut result {
+            m.insert("changed_by".into(), Value::String(caller.name.clone()));
+            m.insert("reload".into(), reload);
+        }
+        reply(result)
+    }
+
+    /// `json` as an optional JSON value of field `field`.
+    fn parse_json_field(field: &str, text: Option<&String>) -> Result<Option<Value>, Status> {
+        text.map(|t| {
+            serde_json::from_str::<Value>(t)
+                .map_err(|e| Status::invalid_argument(format!("{field} is not JSON: {e}")))
+        })
+        .transpose()
+    }
+
+    fn instance_change(r: &proto::InstanceRequest) -> InstanceChange {
+        InstanceChange {
+            id: r.id.clone(),
+            instance_id: r.instance_id.clone(),
+            weight: r.weight.map(i64::from),
+            subject: r.subject.clone(),
+            enabled: r.enabled,
+        }
+    }
+
+    /// `ext rollout` / `ext rollback` (role operator): writes the version's
+    /// routing_rules, then answers what the version now serves.
+    async fn route<T>(
+        &self,
+        req: &Request<T>,
+        id: String,
+        version: Option<String>,
+        routing: Routing,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let limits = self.pipeline.registry().limits();
+        self.write(req, Role::Operator, "versions", async |pool, db, by| {
+            let o = writes::route_version(pool, db, &id, version.as_deref(), &routing, by, &limits)
+                .await?;
+            Ok(json!({
+                "extension_id": id,
+                "version": o.version,
+                "routing_rules": o.new,
+                "previous_routing_rules": o.old,
+                "changed": o.changed,
+            }))
+        })
+        .await
     }
 
     fn admin_policy(p: &Policy) -> proto::AdminPolicy {
@@ -219,7 +286,7 @@ impl RouterAdmin for AdminService {
             &db,
             &tenant,
             &policy.policy_id,
-            document,
+            document.clone(),
             true,
             &caller.name,
             &limits,
@@ -227,7 +294,16 @@ impl RouterAdmin for AdminService {
         .await
         .map_err(|e| status_of_registry(&e))?;
         self.reload_after_write().await;
-        Ok(Response::new(proto::UpsertPolicyResponse { ok: true }))
+        // Written, so it parses; warn about what will not work as written.
+        let warnings = Policy::parse_document(document)
+            .ok()
+            .and_then(|d| Policy::from_document(&tenant, &policy.policy_id, true, d, &limits).ok())
+            .map(|p| self.pipeline.registry().snapshot().warnings_for(&p))
+            .unwrap_or_default();
+        Ok(Response::new(proto::UpsertPolicyResponse {
+            ok: true,
+            warnings,
+        }))
     }
 
     async fn delete_policy(
@@ -354,7 +430,14 @@ impl RouterAdmin for AdminService {
         req: Request<proto::Empty>,
     ) -> Result<Response<proto::JsonReply>, Status> {
         self.check(&req, Role::Viewer, "registry")?;
-        reply(to_json(&self.pipeline.registry().status()))
+        let registry = self.pipeline.registry();
+        let mut status = registry.status();
+        if registry.is_loaded()
+            && let Some(w) = registry.snapshot().fallback_policy_warning()
+        {
+            status.warnings.push(w);
+        }
+        reply(to_json(&status))
     }
 
     async fn test_connection(
@@ -605,5 +688,216 @@ impl RouterAdmin for AdminService {
             })
             .collect();
         reply(Value::Array(uses))
+    }
+
+    async fn add_extension(
+        &self,
+        req: Request<proto::AddExtensionRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let r = req.get_ref();
+        let name = if r.source_name.is_empty() {
+            "the request".to_string()
+        } else {
+            r.source_name.clone()
+        };
+        let data = beamline_registry::fixtures::parse_request(&name, &r.records_json)
+            .map_err(|e| status_of_registry(&e))?;
+        let limits = self.pipeline.registry().limits();
+        self.write(&req, Role::Admin, "extensions", async |pool, db, by| {
+            let written = writes::add_extensions(pool, db, data, by, &limits).await?;
+            Ok(json!({"extensions": written}))
+        })
+        .await
+    }
+
+    async fn remove_extension(
+        &self,
+        req: Request<proto::RemoveExtensionRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let r = req.get_ref().clone();
+        // Role and mode first: a viewer learns nothing about policies here.
+        self.check(&req, Role::Admin, "extension")?;
+        self.writable("extensions")?;
+        if !r.force {
+            let users: Vec<String> = self
+                .pipeline
+                .registry()
+                .snapshot()
+                .policies()
+                .iter()
+                .flat_map(|p| {
+                    p.extension_refs()
+                        .into_iter()
+                        .filter(|(_, _, ext)| *ext == r.id)
+                        .map(|(field, _, _)| format!("{}/{} ({field})", p.tenant_id, p.policy_id))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            if !users.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "extension '{}' is used by policies {}: take it out of them first (`policy upsert`), or pass --force (their requests then fail with extension_not_found)",
+                    r.id,
+                    users.join(", ")
+                )));
+            }
+        }
+        self.write(&req, Role::Admin, "extensions", async |pool, db, by| {
+            let old = writes::remove_extension(pool, db, &r.id, by).await?;
+            Ok(json!({"removed": old}))
+        })
+        .await
+    }
+
+    async fn add_version(
+        &self,
+        req: Request<proto::AddVersionRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let r = req.get_ref().clone();
+        let new = NewVersion {
+            id: r.id,
+            version: r.version,
+            subject: r.subject,
+            timeout_ms: r.timeout_ms.map(i64::from),
+            retry: r.retry.map(i64::from),
+            config: Self::parse_json_field("config", r.config_json.as_ref())?,
+            metadata: Self::parse_json_field("metadata", r.metadata_json.as_ref())?,
+            routing_rules: Self::parse_json_field("routing_rules", r.routing_rules_json.as_ref())?,
+        };
+        let limits = self.pipeline.registry().limits();
+        self.write(&req, Role::Admin, "versions", async |pool, db, by| {
+            let row = writes::add_version(pool, db, new, by, &limits).await?;
+            Ok(json!({"version": row}))
+        })
+        .await
+    }
+
+    async fn list_versions(
+        &self,
+        req: Request<proto::ExtensionIdRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        self.check(&req, Role::Viewer, "extension")?;
+        let id = req.into_inner().id;
+        let snap = self.pipeline.registry().snapshot();
+        let entry = snap
+            .entry(&id)
+            .ok_or_else(|| Status::not_found(format!("extension '{id}' not found")))?;
+        let mut rows: Vec<Value> = entry
+            .versions
+            .iter()
+            .map(|v| {
+                let v = &v.version;
+                json!({
+                    "version": v.version,
+                    "subject": v.subject,
+                    "timeout_ms": v.timeout_ms,
+                    "retry": v.retry,
+                    "enabled": v.enabled,
+                    "routing_rules": v.routing_rules.to_json(),
+                    "receives_traffic": v.enabled && !v.routing_rules.matches_nothing(),
+                    "created_at": v.created_at,
+                    "base": false,
+                })
+            })
+            .collect();
+        let b = &entry.base;
+        rows.push(json!({
+            "version": b.version,
+            "subject": b.subject,
+            "timeout_ms": b.timeout_ms,
+            "retry": b.retry,
+            "enabled": b.enabled,
+            "routing_rules": "base record: when no version matches",
+            "receives_traffic": true,
+            "created_at": null,
+            "base": true,
+        }));
+        reply(Value::Array(rows))
+    }
+
+    async fn remove_version(
+        &self,
+        req: Request<proto::VersionRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let r = req.get_ref().clone();
+        self.write(&req, Role::Admin, "versions", async |pool, db, by| {
+            let old = writes::remove_version(pool, db, &r.id, &r.version, by).await?;
+            Ok(json!({"removed": old}))
+        })
+        .await
+    }
+
+    async fn rollout_version(
+        &self,
+        req: Request<proto::RolloutRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let r = req.get_ref().clone();
+        let routing = match (r.all_tenants, r.tenants.is_empty()) {
+            (true, true) => Routing::AllTenants,
+            (false, false) => Routing::AddTenants(r.tenants.clone()),
+            (true, false) => {
+                return Err(Status::invalid_argument(
+                    "give tenants or all_tenants, not both",
+                ));
+            }
+            (false, true) => {
+                return Err(Status::invalid_argument(
+                    "give at least one tenant, or all_tenants",
+                ));
+            }
+        };
+        if r.version.is_empty() {
+            return Err(Status::invalid_argument("version is required"));
+        }
+        self.route(&req, r.id, Some(r.version), routing).await
+    }
+
+    async fn rollback_version(
+        &self,
+        req: Request<proto::RollbackRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let r = req.get_ref().clone();
+        let version = (!r.version.is_empty()).then_some(r.version);
+        self.route(&req, r.id, version, Routing::NoTraffic).await
+    }
+
+    async fn add_instance(
+        &self,
+        req: Request<proto::InstanceRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let change = Self::instance_change(req.get_ref());
+        self.write(&req, Role::Admin, "instances", async |pool, db, by| {
+            let row = writes::add_instance(pool, db, change, by).await?;
+            Ok(json!({"instance": row}))
+        })
+        .await
+    }
+
+    async fn set_instance(
+        &self,
+        req: Request<proto::InstanceRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let change = Self::instance_change(req.get_ref());
+        if change.weight.is_none() && change.subject.is_none() && change.enabled.is_none() {
+            return Err(Status::invalid_argument(
+                "nothing to set: give weight, subject or enabled",
+            ));
+        }
+        self.write(&req, Role::Operator, "instances", async |pool, db, by| {
+            let o = writes::set_instance(pool, db, change, by).await?;
+            Ok(json!({"instance": o.new, "previous": o.old}))
+        })
+        .await
+    }
+
+    async fn remove_instance(
+        &self,
+        req: Request<proto::InstanceRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let r = req.get_ref().clone();
+        self.write(&req, Role::Admin, "instances", async |pool, db, by| {
+            let old = writes::remove_instance(pool, db, &r.id, &r.instance_id, by).await?;
+            Ok(json!({"removed": old}))
+        })
+        .await
     }
 }

@@ -2,7 +2,7 @@
 
 use beamline_model::ErrorCode;
 use beamline_model::wire::Message;
-use beamline_pipeline::{DecideError, DecideRequest, Decision, Pipeline};
+use beamline_pipeline::{DecideError, DecideRequest, Decision, ExecutedExtension, Pipeline};
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
 
@@ -115,6 +115,53 @@ fn string_map(map: &Map<String, Value>) -> std::collections::HashMap<String, Str
         .collect()
 }
 
+/// Binary trailer of a failed Decide: the steps that ran before the failure, as an
+/// encoded `RouteDecision` holding only `executed_extensions` (`decide --explain`
+/// shows them; other clients may ignore it).
+pub const EXECUTED_TRAILER: &str = "x-beamline-executed-bin";
+
+fn executed_to_wire(steps: Vec<ExecutedExtension>) -> Vec<proto::ExecutedExtension> {
+    steps
+        .into_iter()
+        .map(|e| proto::ExecutedExtension {
+            r#type: e.ext_type.to_string(),
+            id: e.id,
+            status: e.status.as_str().to_string(),
+            latency_ms: e.latency_ms,
+            version: e.version.unwrap_or_default(),
+            instance: e.instance.unwrap_or_default(),
+            error: e.error.unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// [`status_of`] plus the [`EXECUTED_TRAILER`] with the steps that ran.
+pub fn status_with_steps(e: DecideError) -> Status {
+    let mut status = status_of(&e);
+    if !e.executed_extensions.is_empty() {
+        let steps = proto::RouteDecision {
+            executed_extensions: executed_to_wire(e.executed_extensions),
+            ..Default::default()
+        };
+        status.metadata_mut().insert_bin(
+            EXECUTED_TRAILER,
+            tonic::metadata::MetadataValue::from_bytes(&prost::Message::encode_to_vec(&steps)),
+        );
+    }
+    status
+}
+
+/// The steps a failed Decide ran, from its [`EXECUTED_TRAILER`] (empty without one).
+pub fn executed_of(status: &Status) -> Vec<proto::ExecutedExtension> {
+    status
+        .metadata()
+        .get_bin(EXECUTED_TRAILER)
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|b| <proto::RouteDecision as prost::Message>::decode(b).ok())
+        .map(|d| d.executed_extensions)
+        .unwrap_or_default()
+}
+
 /// Converts a decision to the wire.
 pub fn route_decision(d: Decision) -> proto::RouteDecision {
     proto::RouteDecision {
@@ -133,19 +180,7 @@ pub fn route_decision(d: Decision) -> proto::RouteDecision {
             payload: d.message.payload.into_bytes(),
             timestamp_ms: chrono_now_ms(),
         }),
-        executed_extensions: d
-            .executed_extensions
-            .into_iter()
-            .map(|e| proto::ExecutedExtension {
-                r#type: e.ext_type.to_string(),
-                id: e.id,
-                status: e.status.as_str().to_string(),
-                latency_ms: e.latency_ms,
-                version: e.version.unwrap_or_default(),
-                instance: e.instance.unwrap_or_default(),
-                error: e.error.unwrap_or_default(),
-            })
-            .collect(),
+        executed_extensions: executed_to_wire(d.executed_extensions),
         provider_output: d.provider_output.map(|p| proto::ProviderOutput {
             provider_id: p.provider_id,
             output_json: p.output.to_string(),
@@ -174,7 +209,7 @@ impl Router for RouterService {
         let req = decide_request(request.into_inner())?;
         match self.pipeline.decide(req).await {
             Ok(d) => Ok(Response::new(route_decision(d))),
-            Err(e) => Err(status_of(&e)),
+            Err(e) => Err(status_with_steps(e)),
         }
     }
 }

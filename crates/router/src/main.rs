@@ -1,16 +1,20 @@
 //! `beamline-router`: the binary. It parses the command line and hands over to the
-//! library crates; `serve` runs the router, `migrate` applies the schema, and the
-//! operator commands (later) talk to a running router over its admin API.
+//! library crates; `serve` runs the router, `migrate` applies the schema, `decide`
+//! sends a request through a running router, and the operator commands talk to a
+//! running router over its admin API.
 //!
 //! Layout: [`cli`] (arguments), [`config`] (TOML + environment, validated),
-//! [`serve`] (wiring and lifecycle), [`migrate`], [`ops`] (operator commands over
-//! the admin API), [`logging`].
+//! [`serve`] (wiring and lifecycle), [`migrate`], [`decide`], [`ops`] (operator
+//! commands over the admin API), [`private_nats`] (`serve --demo`'s own NATS),
+//! [`logging`].
 
 mod cli;
 mod config;
+mod decide;
 mod logging;
 mod migrate;
 mod ops;
+mod private_nats;
 mod serve;
 
 use std::process::ExitCode;
@@ -48,7 +52,7 @@ const PURGE_DELAY_DEFAULTS: [std::ffi::c_long; 2] = [10, 1000];
 
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_from(cli::hoist_client_flags(std::env::args_os().collect()));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -63,7 +67,8 @@ fn main() -> ExitCode {
         match cli.command {
             cli::Command::Serve(args) => serve::run(args).await,
             cli::Command::Migrate(args) => migrate::run(args).await,
-            command => ops::run(&cli.global, command).await,
+            cli::Command::Decide(args) => decide::run(args).await,
+            command => ops::run(command).await,
         }
     });
     match result {

@@ -13,7 +13,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use crate::cli::{
-    BreakerCmd, Command, ExtCmd, GlobalArgs, HealthCmd, Output, PolicyCmd, RegistryCmd,
+    BreakerCmd, Client, ClientArgs, Command, ExtAddArgs, ExtCmd, HealthCmd, InstanceCmd, Output,
+    PolicyCmd, RegistryCmd, VersionCmd,
 };
 
 /// The router could not be reached at all.
@@ -26,24 +27,25 @@ pub struct Unreachable {
     reason: String,
 }
 
-struct Admin {
-    client: RouterAdminClient<Channel>,
+/// A connection to a running router: the channel and the key every call carries.
+pub struct Connection {
+    pub channel: Channel,
     key: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
-impl Admin {
-    async fn connect(global: &GlobalArgs) -> anyhow::Result<Admin> {
+impl Connection {
+    pub async fn open(client: &ClientArgs) -> anyhow::Result<Connection> {
         let unreachable = |reason: String| Unreachable {
-            addr: global.addr.clone(),
+            addr: client.addr.clone(),
             reason,
         };
-        let mut endpoint = Channel::from_shared(global.addr.clone())
+        let mut endpoint = Channel::from_shared(client.addr.clone())
             .map_err(|e| unreachable(format!("invalid address: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(60));
-        if global.addr.starts_with("https://") {
+        if client.addr.starts_with("https://") {
             let mut tls = tonic::transport::ClientTlsConfig::new();
-            if let Some(ca) = &global.tls_ca {
+            if let Some(ca) = &client.tls_ca {
                 let pem = std::fs::read(ca)
                     .map_err(|e| anyhow::anyhow!("cannot read --tls-ca {}: {e}", ca.display()))?;
                 tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
@@ -63,24 +65,41 @@ impl Admin {
             }
             unreachable(reason)
         })?;
-        let key = match &global.api_key {
+        let key = match &client.api_key {
             None => None,
             Some(k) => Some(k.parse().map_err(|_| {
                 anyhow::anyhow!("the API key contains characters a header cannot carry")
             })?),
         };
-        Ok(Admin {
-            client: RouterAdminClient::new(channel),
-            key,
-        })
+        Ok(Connection { channel, key })
     }
 
-    fn req<T>(&self, body: T) -> Request<T> {
+    /// A request with the key.
+    pub fn request<T>(&self, body: T) -> Request<T> {
         let mut r = Request::new(body);
         if let Some(k) = &self.key {
             r.metadata_mut().insert("x-api-key", k.clone());
         }
         r
+    }
+}
+
+struct Admin {
+    client: RouterAdminClient<Channel>,
+    connection: Connection,
+}
+
+impl Admin {
+    async fn connect(client: &ClientArgs) -> anyhow::Result<Admin> {
+        let connection = Connection::open(client).await?;
+        Ok(Admin {
+            client: RouterAdminClient::new(connection.channel.clone()),
+            connection,
+        })
+    }
+
+    fn req<T>(&self, body: T) -> Request<T> {
+        self.connection.request(body)
     }
 }
 
@@ -97,11 +116,82 @@ fn policy_json(p: &proto::AdminPolicy) -> Value {
     json!({"tenant_id": p.tenant_id, "policy_id": p.policy_id, "enabled": p.enabled, "policy": document})
 }
 
+/// Reads a file named on the command line ("-" is standard input).
+fn read_input(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
+    if path.as_os_str() == "-" {
+        return Ok(std::io::read_to_string(std::io::stdin())?);
+    }
+    std::fs::read_to_string(path).map_err(|e| {
+        anyhow::Error::new(tonic::Status::invalid_argument(format!(
+            "cannot read {flag} {}: {e}",
+            path.display()
+        )))
+    })
+}
+
+/// A JSON flag's value, checked here so the error names the flag.
+fn json_flag(flag: &str, text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).map_err(|e| {
+        anyhow::Error::new(tonic::Status::invalid_argument(format!(
+            "{flag} is not JSON: {e}"
+        )))
+    })
+}
+
+/// `ext add`: the fixture-format text to send, and what to call it in errors.
+fn ext_add_records(a: ExtAddArgs) -> anyhow::Result<(String, String)> {
+    if let Some(file) = &a.file {
+        let name = if file.as_os_str() == "-" {
+            "standard input".to_string()
+        } else {
+            format!("file {}", file.display())
+        };
+        return Ok((read_input(file, "--file")?, name));
+    }
+    let mut record = serde_json::Map::new();
+    record.insert("id".into(), json!(a.id));
+    record.insert("type".into(), json!(a.ext_type));
+    record.insert("subject".into(), json!(a.subject));
+    if let Some(t) = a.timeout_ms {
+        record.insert("timeout_ms".into(), json!(t));
+    }
+    if let Some(r) = a.retry {
+        record.insert("retry".into(), json!(r));
+    }
+    if let Some(c) = &a.config {
+        record.insert("config".into(), json_flag("--config", c)?);
+    }
+    if let Some(m) = &a.metadata {
+        record.insert("metadata".into(), json_flag("--metadata", m)?);
+    }
+    if let Some(v) = a.ext_version {
+        record.insert("version".into(), json!(v));
+    }
+    if a.disabled {
+        record.insert("enabled".into(), json!(false));
+    }
+    Ok((
+        Value::Object(record).to_string(),
+        "the command line".to_string(),
+    ))
+}
+
 /// Runs one operator command.
-pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
-    let mut admin = Admin::connect(global).await?;
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    let client = match &command {
+        Command::Registry(g) => g.client.clone(),
+        Command::Ext(g) => g.client.clone(),
+        Command::Health(g) => g.client.clone(),
+        Command::Breaker(g) => g.client.clone(),
+        Command::Policy(g) => g.client.clone(),
+        Command::Serve(_) | Command::Migrate(_) | Command::Decide(_) => {
+            unreachable!("handled by main")
+        }
+    };
+    let mut admin = Admin::connect(&client).await?;
+    let mut warnings: Vec<String> = Vec::new();
     let (value, view) = match command {
-        Command::Registry(c) => match c {
+        Command::Registry(g) => match g.command {
             RegistryCmd::Status => (
                 json_of(
                     admin
@@ -139,7 +229,7 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 View::Fields,
             ),
         },
-        Command::Ext(c) => match c {
+        Command::Ext(g) => match g.command {
             ExtCmd::Get { id } => (
                 json_of(
                     admin
@@ -217,8 +307,181 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 ),
                 View::Write,
             ),
+            ExtCmd::Add(a) => {
+                let (records_json, source_name) = ext_add_records(a)?;
+                let v = json_of(
+                    admin
+                        .client
+                        .add_extension(admin.req(proto::AddExtensionRequest {
+                            records_json,
+                            source_name,
+                        }))
+                        .await?,
+                );
+                (v, View::Written("extensions"))
+            }
+            ExtCmd::Remove { id, force } => (
+                json_of(
+                    admin
+                        .client
+                        .remove_extension(admin.req(proto::RemoveExtensionRequest { id, force }))
+                        .await?,
+                ),
+                View::Written("removed"),
+            ),
+            ExtCmd::Version(VersionCmd::Add {
+                id,
+                version,
+                subject,
+                timeout_ms,
+                retry,
+                config,
+                metadata,
+                routing_rules,
+            }) => {
+                for (flag, text) in [
+                    ("--config", &config),
+                    ("--metadata", &metadata),
+                    ("--routing-rules", &routing_rules),
+                ] {
+                    if let Some(t) = text {
+                        json_flag(flag, t)?;
+                    }
+                }
+                (
+                    json_of(
+                        admin
+                            .client
+                            .add_version(admin.req(proto::AddVersionRequest {
+                                id,
+                                version,
+                                subject,
+                                timeout_ms,
+                                retry,
+                                config_json: config,
+                                metadata_json: metadata,
+                                routing_rules_json: routing_rules,
+                            }))
+                            .await?,
+                    ),
+                    View::Written("version"),
+                )
+            }
+            ExtCmd::Version(VersionCmd::List { id }) => (
+                json_of(
+                    admin
+                        .client
+                        .list_versions(admin.req(proto::ExtensionIdRequest { id }))
+                        .await?,
+                ),
+                View::Table(&[
+                    "version",
+                    "subject",
+                    "timeout_ms",
+                    "retry",
+                    "enabled",
+                    "routing_rules",
+                    "receives_traffic",
+                    "created_at",
+                ]),
+            ),
+            ExtCmd::Version(VersionCmd::Remove { id, version }) => (
+                json_of(
+                    admin
+                        .client
+                        .remove_version(admin.req(proto::VersionRequest { id, version }))
+                        .await?,
+                ),
+                View::Written("removed"),
+            ),
+            ExtCmd::Rollout {
+                id,
+                version,
+                tenant,
+                all_tenants,
+            } => (
+                json_of(
+                    admin
+                        .client
+                        .rollout_version(admin.req(proto::RolloutRequest {
+                            id,
+                            version,
+                            tenants: tenant,
+                            all_tenants,
+                        }))
+                        .await?,
+                ),
+                View::Fields,
+            ),
+            ExtCmd::Rollback { id, version } => (
+                json_of(
+                    admin
+                        .client
+                        .rollback_version(admin.req(proto::RollbackRequest {
+                            id,
+                            version: version.unwrap_or_default(),
+                        }))
+                        .await?,
+                ),
+                View::Fields,
+            ),
+            ExtCmd::Instance(c) => {
+                let (call, body) = match c {
+                    InstanceCmd::Add {
+                        id,
+                        instance,
+                        weight,
+                        subject,
+                        disabled,
+                    } => (
+                        InstanceCall::Add,
+                        proto::InstanceRequest {
+                            id,
+                            instance_id: instance,
+                            weight,
+                            subject,
+                            enabled: disabled.then_some(false),
+                        },
+                    ),
+                    InstanceCmd::Set {
+                        id,
+                        instance,
+                        weight,
+                        subject,
+                        enabled,
+                    } => (
+                        InstanceCall::Set,
+                        proto::InstanceRequest {
+                            id,
+                            instance_id: instance,
+                            weight,
+                            subject,
+                            enabled,
+                        },
+                    ),
+                    InstanceCmd::Remove { id, instance } => (
+                        InstanceCall::Remove,
+                        proto::InstanceRequest {
+                            id,
+                            instance_id: instance,
+                            ..Default::default()
+                        },
+                    ),
+                };
+                let r = admin.req(body);
+                let reply = match call {
+                    InstanceCall::Add => admin.client.add_instance(r).await?,
+                    InstanceCall::Set => admin.client.set_instance(r).await?,
+                    InstanceCall::Remove => admin.client.remove_instance(r).await?,
+                };
+                let view = match call {
+                    InstanceCall::Remove => View::Written("removed"),
+                    _ => View::Written("instance"),
+                };
+                (json_of(reply), view)
+            }
         },
-        Command::Health(c) => match c {
+        Command::Health(g) => match g.command {
             HealthCmd::Get { id } => (
                 json_of(
                     admin
@@ -249,7 +512,10 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 ]),
             ),
         },
-        Command::Breaker(BreakerCmd::Reset { id }) => (
+        Command::Breaker(Client {
+            command: BreakerCmd::Reset { id },
+            ..
+        }) => (
             json_of(
                 admin
                     .client
@@ -258,7 +524,7 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
             ),
             View::Fields,
         ),
-        Command::Policy(c) => match c {
+        Command::Policy(g) => match g.command {
             PolicyCmd::Uses { id } => (
                 json_of(
                     admin
@@ -302,18 +568,8 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 policy,
                 file,
             } => {
-                let text = if file.as_os_str() == "-" {
-                    std::io::read_to_string(std::io::stdin())?
-                } else {
-                    std::fs::read_to_string(&file)
-                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
-                };
-                serde_json::from_str::<Value>(&text).map_err(|e| {
-                    anyhow::Error::new(tonic::Status::invalid_argument(format!(
-                        "{} is not JSON: {e}",
-                        file.display()
-                    )))
-                })?;
+                let text = read_input(&file, "--file")?;
+                json_flag(&file.display().to_string(), &text)?;
                 let body = proto::UpsertPolicyRequest {
                     tenant_id: tenant.clone(),
                     policy: Some(proto::AdminPolicy {
@@ -323,14 +579,13 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                         ..Default::default()
                     }),
                 };
-                let ok = admin
+                let r = admin
                     .client
                     .upsert_policy(admin.req(body))
                     .await?
-                    .into_inner()
-                    .ok;
+                    .into_inner();
                 (
-                    json!({"ok": ok, "tenant_id": tenant, "policy_id": policy}),
+                    json!({"ok": r.ok, "tenant_id": tenant, "policy_id": policy, "warnings": r.warnings}),
                     View::Fields,
                 )
             }
@@ -350,27 +605,43 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 )
             }
         },
-        Command::Serve(_) | Command::Migrate(_) => unreachable!("handled by main"),
+        Command::Serve(_) | Command::Migrate(_) | Command::Decide(_) => {
+            unreachable!("handled by main")
+        }
     };
-    match global.output {
+    if let Some(Value::Array(list)) = value.get("warnings") {
+        warnings.extend(list.iter().filter_map(Value::as_str).map(str::to_string));
+    }
+    match client.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
         Output::Table => print!("{}", render(&value, view)),
+    }
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
     Ok(())
 }
 
+enum InstanceCall {
+    Add,
+    Set,
+    Remove,
+}
+
 /// How to show a result to a person.
 #[derive(Clone, Copy)]
-enum View {
+pub enum View {
     /// `key  value` lines.
     Fields,
     /// A table with these columns.
     Table(&'static [&'static str]),
     /// A write: the new record, then what changed.
     Write,
+    /// A registry write: the record(s) under this key, then who and the reload.
+    Written(&'static str),
 }
 
-fn cell(v: &Value) -> String {
+pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -382,42 +653,67 @@ fn cell(v: &Value) -> String {
     }
 }
 
-fn render(v: &Value, view: View) -> String {
+/// A table of `rows` (a JSON array of objects) with these columns.
+pub fn render_columns(rows: &Value, cols: &[&str]) -> String {
+    let Value::Array(rows) = rows else {
+        return render(rows, View::Fields);
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
+        .collect();
+    let line = |items: Vec<String>| {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+            + "\n"
+    };
+    let mut out = line(cols.iter().map(|c| c.to_uppercase()).collect());
+    for r in cells {
+        out.push_str(&line(r));
+    }
+    if rows.is_empty() {
+        out.push_str("(none)\n");
+    }
+    out
+}
+
+pub fn render(v: &Value, view: View) -> String {
     match (view, v) {
-        (View::Table(cols), Value::Array(rows)) => {
-            let cells: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
-                .collect();
-            let widths: Vec<usize> = cols
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    cells
-                        .iter()
-                        .map(|r| r[i].chars().count())
-                        .max()
-                        .unwrap_or(0)
-                        .max(c.len())
-                })
-                .collect();
-            let line = |items: Vec<String>| {
-                items
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-                    .trim_end()
-                    .to_string()
-                    + "\n"
-            };
-            let mut out = line(cols.iter().map(|c| c.to_uppercase()).collect());
-            for r in cells {
-                out.push_str(&line(r));
+        (View::Table(cols), rows @ Value::Array(_)) => render_columns(rows, cols),
+        (View::Written(key), Value::Object(m)) => {
+            let mut out = String::new();
+            match m.get(key) {
+                Some(Value::Array(items)) => {
+                    for item in items {
+                        out.push_str(&render(item, View::Fields));
+                        out.push('\n');
+                    }
+                }
+                Some(item) => out.push_str(&render(item, View::Fields)),
+                None => {}
             }
-            if rows.is_empty() {
-                out.push_str("(none)\n");
+            for k in ["previous", "changed_by", "reload"] {
+                if let Some(v) = m.get(k) {
+                    out.push_str(&format!("{k:<10}  {}\n", cell(v)));
+                }
             }
             out
         }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
 use crate::config::Config;
+use crate::private_nats::{PrivateNats, first_server};
 
 /// Requests the NATS intake handles at once.
 const INTAKE_MAX_IN_FLIGHT: usize = 4096;
@@ -36,14 +37,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let sync = registry.spawn_sync(shutdown.clone());
 
+    // `--demo` brings its own NATS when none answers (see private_nats).
+    let private_nats = if args.demo {
+        start_private_nats(config.nats.url.expose()).await?
+    } else {
+        None
+    };
+    let nats_url = private_nats
+        .as_ref()
+        .map(|p| p.url.clone())
+        .unwrap_or_else(|| config.nats.url.expose().to_string());
+    let nats_shown = match &private_nats {
+        Some(p) => p.url.clone(),
+        None => config.nats.url.redacted(),
+    };
+
     // NATS may be down at start: the client keeps connecting in the background and
     // extension calls fail fast (extension_unavailable) until it is up.
     let nats = async_nats::ConnectOptions::new()
         .name("beamline-router")
         .retry_on_initial_connect()
-        .connect(config.nats.url.expose())
+        .connect(nats_url.as_str())
         .await
-        .with_context(|| format!("cannot use NATS at {}", config.nats.url.redacted()))?;
+        .with_context(|| format!("cannot use NATS at {nats_shown}"))?;
     // Give the first connection a moment, so requests right after start do not fail
     // for a connection that is about to exist; past that, start anyway (calls fail
     // fast with extension_unavailable until NATS is there).
@@ -54,12 +70,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     ) && connecting.elapsed() < Duration::from_secs(5)
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if !matches!(
-        nats.connection_state(),
-        async_nats::connection::State::Connected
-    ) {
-        tracing::warn!(nats = %config.nats.url.redacted(), "NATS is not reachable yet; extension calls fail fast until it is");
     }
 
     let metrics = beamline_api::metrics::Metrics::new(&config.metrics);
@@ -173,11 +183,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         policies = status.counts.policies,
         grpc = %grpc_addr,
         http = %http_addr,
-        nats = %config.nats.url.redacted(),
+        nats = %nats_shown,
         demo = args.demo,
         config = %serde_json::to_string(&status.config).unwrap_or_default(),
         "beamline-router started"
     );
+
+    let problems = not_working_yet(&registry, &nats, &nats_shown);
+    if !problems.is_empty() {
+        tracing::warn!(
+            problems = problems.len(),
+            "what will not work yet: {}",
+            problems.join("; ")
+        );
+    }
 
     tokio::select! {
         () = signals.wait() => {}
@@ -212,8 +231,87 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = nats.flush().await {
         tracing::debug!(error = %e, "final NATS flush failed");
     }
+    if let Some(p) = private_nats {
+        p.stop().await;
+        tracing::info!("private nats-server stopped");
+    }
     tracing::info!("beamline-router stopped");
     Ok(())
+}
+
+/// For `--demo`: a private nats-server when nothing answers at the configured URL.
+async fn start_private_nats(url: &str) -> anyhow::Result<Option<PrivateNats>> {
+    let Some((host, port)) = first_server(url) else {
+        return Ok(None);
+    };
+    if crate::private_nats::answers(&host, port).await {
+        return Ok(None);
+    }
+    let private = PrivateNats::start(&host, port).await.map_err(|e| {
+        anyhow::Error::new(Unmet(format!(
+            "--demo needs NATS and nothing answers at {}: {e}",
+            beamline_model::secret::redact_url(url)
+        )))
+    })?;
+    tracing::info!(
+        nats = %private.url,
+        "no NATS answered at {}; started a private nats-server at {} for this router's lifetime",
+        beamline_model::secret::redact_url(url),
+        private.url
+    );
+    Ok(Some(private))
+}
+
+/// A dependency `serve` needs is missing (exit code 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unmet(pub String);
+
+/// What will fail until someone acts, each in a few words with why, for the one
+/// line `serve` logs at start: no NATS, no registry, no fallback policy, policies
+/// that will not work as written.
+fn not_working_yet(registry: &Registry, nats: &async_nats::Client, nats_url: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !matches!(
+        nats.connection_state(),
+        async_nats::connection::State::Connected
+    ) {
+        let hint = if crate::private_nats::find_binary().is_none() {
+            format!(
+                " (nats-server is not installed: `{}`; `serve --demo` starts one of its own)",
+                crate::private_nats::INSTALL_HINT
+            )
+        } else {
+            String::new()
+        };
+        problems.push(format!(
+            "no NATS answers at {nats_url}: every extension call fails with extension_unavailable until one does{hint}"
+        ));
+    }
+    if !registry.is_loaded() {
+        let status = registry.status();
+        problems.push(format!(
+            "the registry is not loaded ({}): requests fail until it is",
+            status
+                .last_error
+                .unwrap_or_else(|| "no source answered yet".into())
+        ));
+        return problems;
+    }
+    let snapshot = registry.snapshot();
+    if let Some(w) = snapshot.fallback_policy_warning() {
+        problems.push(w);
+    }
+    let policy_warnings = &snapshot.warnings;
+    const SHOWN: usize = 3;
+    problems.extend(policy_warnings.iter().take(SHOWN).cloned());
+    if policy_warnings.len() > SHOWN {
+        problems.push(format!(
+            "{} more policy warnings (`beamline-router registry status` lists them)",
+            policy_warnings.len() - SHOWN
+        ));
+    }
+    problems
 }
 
 /// Resolves only if the gRPC task ends on its own (bind lost, fatal error).

@@ -36,6 +36,16 @@ enum Method {
     ListHealth,
     ResetBreaker,
     PolicyUses,
+    AddExtension,
+    RemoveExtension,
+    AddVersion,
+    ListVersions,
+    RemoveVersion,
+    RolloutVersion,
+    RollbackVersion,
+    AddInstance,
+    SetInstance,
+    RemoveInstance,
 }
 
 use Method::*;
@@ -55,12 +65,22 @@ const MATRIX: &[(Method, u8)] = &[
     (GetHealthSummary, 0),
     (ListHealth, 0),
     (PolicyUses, 0),
+    (ListVersions, 0),
     (ReloadRegistry, 1),
     (SetRegistrySource, 1),
     (EnableExtension, 1),
     (DisableExtension, 1),
     (ResetBreaker, 1),
+    (RolloutVersion, 1),
+    (RollbackVersion, 1),
+    (SetInstance, 1),
     (SetExtension, 2),
+    (AddExtension, 2),
+    (AddVersion, 2),
+    (AddInstance, 2),
+    (RemoveVersion, 2),
+    (RemoveInstance, 2),
+    (RemoveExtension, 2),
     (UpsertPolicy, 2),
     (DeletePolicy, 2),
 ];
@@ -179,6 +199,83 @@ async fn call(
         ListHealth => c.list_health(req(proto::Empty {}, h)).await.map(|_| ()),
         ResetBreaker => c.reset_breaker(req(id(), h)).await.map(|_| ()),
         PolicyUses => c.policy_uses(req(id(), h)).await.map(|_| ()),
+        AddExtension => c
+            .add_extension(req(
+                proto::AddExtensionRequest {
+                    records_json: r#"{"id": "added", "type": "pre", "subject": "s.added"}"#.into(),
+                    source_name: String::new(),
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        RemoveExtension => c
+            .remove_extension(req(
+                proto::RemoveExtensionRequest {
+                    id: "added".into(),
+                    force: false,
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        AddVersion => c
+            .add_version(req(
+                proto::AddVersionRequest {
+                    id: "pii_guard".into(),
+                    version: "v2".into(),
+                    ..Default::default()
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        ListVersions => c.list_versions(req(id(), h)).await.map(|_| ()),
+        RemoveVersion => c
+            .remove_version(req(
+                proto::VersionRequest {
+                    id: "pii_guard".into(),
+                    version: "v2".into(),
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        RolloutVersion => c
+            .rollout_version(req(
+                proto::RolloutRequest {
+                    id: "pii_guard".into(),
+                    version: "v2".into(),
+                    tenants: vec!["acme".into()],
+                    all_tenants: false,
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        RollbackVersion => c
+            .rollback_version(req(
+                proto::RollbackRequest {
+                    id: "pii_guard".into(),
+                    version: "v2".into(),
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        AddInstance | SetInstance | RemoveInstance => {
+            let body = proto::InstanceRequest {
+                id: "pii_guard".into(),
+                instance_id: "pii-b".into(),
+                weight: Some(10),
+                ..Default::default()
+            };
+            match m {
+                AddInstance => c.add_instance(req(body, h)).await.map(|_| ()),
+                SetInstance => c.set_instance(req(body, h)).await.map(|_| ()),
+                _ => c.remove_instance(req(body, h)).await.map(|_| ()),
+            }
+        }
     }
 }
 

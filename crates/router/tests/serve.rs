@@ -113,10 +113,12 @@ fn serve_runs_on_builtin_fixtures_and_stops_cleanly_on_sigterm_and_sigint() {
 }
 
 #[test]
-fn global_flags_are_accepted_before_or_after_the_subcommand() {
+fn client_flags_belong_to_client_commands_only() {
+    // Before or after a client command's name.
     for args in [
-        vec!["--output", "json", "migrate", "--help"],
-        vec!["migrate", "--help", "--output", "json"],
+        vec!["--output", "json", "ext", "get", "--help"],
+        vec!["ext", "get", "--help", "--output", "json"],
+        vec!["--addr", "http://127.0.0.1:1", "decide", "--help"],
     ] {
         let out = bin().args(&args).output().unwrap();
         assert!(
@@ -124,6 +126,27 @@ fn global_flags_are_accepted_before_or_after_the_subcommand() {
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    // Not on serve and migrate: refused there, and not in their help.
+    for command in ["serve", "migrate"] {
+        let out = bin()
+            .args(["--output", "json", command, "--help"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--output'"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let help = bin().args([command, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        for flag in ["--addr", "--api-key", "--output", "--tls-ca"] {
+            assert!(
+                !help.contains(flag),
+                "{command} --help shows {flag}:\n{help}"
+            );
+        }
     }
 }
 

@@ -16,7 +16,12 @@ pub const VIEWER_KEY: &str = "viewer-key-0123456789";
 
 /// The binary with a clean environment (nothing of the test's own leaks in).
 pub fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_beamline-router"));
+    clean(env!("CARGO_BIN_EXE_beamline-router"))
+}
+
+/// `program` without the router's environment variables of the test's own.
+pub fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
     for (k, _) in std::env::vars() {
         if k.starts_with("EXTENSION_REGISTRY_") || k.starts_with("BEAMLINE_") || k == "RUST_LOG" {
             c.env_remove(k);
@@ -111,9 +116,14 @@ pub fn sha256_hex(s: &str) -> String {
 }
 
 pub fn start(config: &Path) -> Router {
-    let mut child = bin()
-        .args(["serve", "--config"])
-        .arg(config)
+    let mut command = bin();
+    command.args(["serve", "--config"]).arg(config);
+    start_command(command)
+}
+
+/// Starts `command` (a `serve` whose log is JSON) and waits for its start line.
+pub fn start_command(mut command: Command) -> Router {
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -151,7 +151,7 @@ impl HealthPersister {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {
                     if let Err(e) = self.write().await {
-                        tracing::warn!(error = %e, "extension_health write failed");
+                        self.report_failure(&e, "extension_health write failed");
                     }
                     let _ = self.apply_resets().await;
                 }
@@ -169,7 +169,18 @@ impl HealthPersister {
         }
         match self.write().await {
             Ok(n) => tracing::info!(extensions = n, "extension_health written at shutdown"),
-            Err(e) => tracing::warn!(error = %e, "extension_health write at shutdown failed"),
+            Err(e) => self.report_failure(&e, "extension_health write at shutdown failed"),
+        }
+    }
+
+    /// A failed write is a warning when the registry reads the database; otherwise
+    /// (fixtures, such as the embedded default with no database anywhere) health
+    /// persistence is best effort, and the failure is only logged at debug level.
+    fn report_failure(&self, e: &beamline_registry::RegistryError, what: &str) {
+        if self.pipeline.registry().config().uses_database() {
+            tracing::warn!(error = %e, "{what}");
+        } else {
+            tracing::debug!(error = %e, "{what}");
         }
     }
 }

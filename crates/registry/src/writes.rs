@@ -112,8 +112,8 @@ pub async fn update_extension(
         old: row_json(&old),
         new: row_json(&new_row),
     };
-    audit(
-        &mut tx,
+    audit_and_commit(
+        tx,
         database,
         id,
         action,
@@ -122,7 +122,6 @@ pub async fn update_extension(
         changed_by,
     )
     .await?;
-    tx.commit().await.map_err(err)?;
     Ok(outcome)
 }
 
@@ -148,6 +147,22 @@ async fn audit(
     .await
     .map(|_| ())
     .map_err(|e| RegistryError::from_sqlx(database, e))
+}
+
+/// The end of every write: its audit row, then the commit.
+async fn audit_and_commit(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    database: &str,
+    subject: &str,
+    action: &str,
+    old: &Value,
+    new: &Value,
+    changed_by: &str,
+) -> Result<(), RegistryError> {
+    audit(&mut tx, database, subject, action, old, new, changed_by).await?;
+    tx.commit()
+        .await
+        .map_err(|e| RegistryError::from_sqlx(database, e))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -200,8 +215,8 @@ pub async fn upsert_policy(
         new: json!({"policy": document, "enabled": enabled}),
     };
     let action = if old.is_some() { "update" } else { "create" };
-    audit(
-        &mut tx,
+    audit_and_commit(
+        tx,
         database,
         &format!("policy:{tenant_id}/{policy_id}"),
         action,
@@ -210,7 +225,6 @@ pub async fn upsert_policy(
         changed_by,
     )
     .await?;
-    tx.commit().await.map_err(err)?;
     Ok(outcome)
 }
 
@@ -240,8 +254,8 @@ pub async fn delete_policy(
         old: json!({"policy": policy, "enabled": enabled}),
         new: Value::Null,
     };
-    audit(
-        &mut tx,
+    audit_and_commit(
+        tx,
         database,
         &format!("policy:{tenant_id}/{policy_id}"),
         "delete",
@@ -250,7 +264,6 @@ pub async fn delete_policy(
         changed_by,
     )
     .await?;
-    tx.commit().await.map_err(err)?;
     Ok(outcome)
 }
 
@@ -593,17 +606,7 @@ pub async fn remove_extension(
     let mut old = row_json(&row);
     old["versions"] = Value::Array(versions.into_iter().map(|(_, v)| v).collect());
     old["instances"] = Value::Array(instances.into_iter().map(|(_, v)| v).collect());
-    audit(
-        &mut tx,
-        database,
-        id,
-        "delete",
-        &old,
-        &Value::Null,
-        changed_by,
-    )
-    .await?;
-    tx.commit().await.map_err(err)?;
+    audit_and_commit(tx, database, id, "delete", &old, &Value::Null, changed_by).await?;
     Ok(old)
 }
 
@@ -656,8 +659,8 @@ pub async fn add_version(
     .map_err(invalid_at(&origin))?;
     insert_version(&mut tx, database, &version, changed_by).await?;
     let new_json = version_json(&version);
-    audit(
-        &mut tx,
+    audit_and_commit(
+        tx,
         database,
         &version.id,
         "create",
@@ -666,7 +669,6 @@ pub async fn add_version(
         changed_by,
     )
     .await?;
-    tx.commit().await.map_err(err)?;
     Ok(new_json)
 }
 
@@ -729,17 +731,7 @@ pub async fn remove_version(
         )));
     };
     let old = raw_version_json(&version_record(row));
-    audit(
-        &mut tx,
-        database,
-        id,
-        "delete",
-        &old,
-        &Value::Null,
-        changed_by,
-    )
-    .await?;
-    tx.commit().await.map_err(err)?;
+    audit_and_commit(tx, database, id, "delete", &old, &Value::Null, changed_by).await?;
     Ok(old)
 }
 
@@ -941,8 +933,8 @@ pub async fn add_instance(
     .map_err(invalid_at(&origin))?;
     insert_instance(&mut tx, database, &instance).await?;
     let new = instance_json(&instance);
-    audit(
-        &mut tx,
+    audit_and_commit(
+        tx,
         database,
         &instance.extension_id,
         "create",
@@ -951,7 +943,6 @@ pub async fn add_instance(
         changed_by,
     )
     .await?;
-    tx.commit().await.map_err(err)?;
     Ok(new)
 }
 
@@ -1029,8 +1020,8 @@ pub async fn set_instance(
         old: raw_instance_json(&old),
         new: raw_instance_json(&new),
     };
-    audit(
-        &mut tx,
+    audit_and_commit(
+        tx,
         database,
         &change.id,
         "update",
@@ -1039,7 +1030,6 @@ pub async fn set_instance(
         changed_by,
     )
     .await?;
-    tx.commit().await.map_err(err)?;
     Ok(outcome)
 }
 
@@ -1068,17 +1058,7 @@ pub async fn remove_instance(
         )));
     };
     let old = raw_instance_json(&instance_record(row));
-    audit(
-        &mut tx,
-        database,
-        id,
-        "delete",
-        &old,
-        &Value::Null,
-        changed_by,
-    )
-    .await?;
-    tx.commit().await.map_err(err)?;
+    audit_and_commit(tx, database, id, "delete", &old, &Value::Null, changed_by).await?;
     Ok(old)
 }
 

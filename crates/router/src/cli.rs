@@ -418,6 +418,8 @@ pub enum HealthCmd {
     Summary,
     /// Every extension's health.
     List,
+    /// The router's own checks (GetValidatorsHealth): gRPC, registry, database, NATS.
+    Checks,
 }
 
 #[derive(Debug, Subcommand)]

@@ -500,6 +500,22 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 ),
                 View::Fields,
             ),
+            HealthCmd::Checks => {
+                let r = admin
+                    .client
+                    .get_validators_health(admin.req(proto::GetValidatorsHealthRequest::default()))
+                    .await?
+                    .into_inner();
+                (
+                    Value::Array(
+                        r.validators
+                            .iter()
+                            .map(|v| json!({"name": v.name, "status": v.status, "details": v.details, "timestamp_ms": v.timestamp_ms}))
+                            .collect(),
+                    ),
+                    View::Table(&["name", "status", "details"]),
+                )
+            }
             HealthCmd::List => (
                 json_of(admin.client.list_health(admin.req(proto::Empty {})).await?),
                 View::Table(&[

@@ -175,6 +175,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         })
     };
 
+    // Said just before the start line, so whoever waits for that line has it.
+    let problems = not_working_yet(&registry, &nats, &nats_shown);
+    if !problems.is_empty() {
+        tracing::warn!(
+            problems = problems.len(),
+            "what will not work yet: {}",
+            problems.join("; ")
+        );
+    }
     let status = registry.status();
     tracing::info!(
         source = %status.source,
@@ -188,15 +197,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config = %serde_json::to_string(&status.config).unwrap_or_default(),
         "beamline-router started"
     );
-
-    let problems = not_working_yet(&registry, &nats, &nats_shown);
-    if !problems.is_empty() {
-        tracing::warn!(
-            problems = problems.len(),
-            "what will not work yet: {}",
-            problems.join("; ")
-        );
-    }
 
     tokio::select! {
         () = signals.wait() => {}

@@ -412,6 +412,24 @@ async fn extensions_versions_and_instances_are_registered_validated_and_audited(
     assert_eq!(guard[0].3["versions"][0]["version"], "v2");
     assert_eq!(guard[0].3["instances"].as_array().unwrap().len(), 2);
 
+    // health checks: the router's own (GetValidatorsHealth), all real.
+    let checks = router.json(Some(VIEWER_KEY), &["health", "checks"]);
+    let checks: Vec<(&str, &str)> = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            ("grpc_health", "serving"),
+            ("registry", "serving"),
+            ("database", "serving"),
+            ("nats", "serving")
+        ]
+    );
+
     // policy upsert: a provider named like a provider extension, without "extension".
     let policy = dir.path().join("p.json");
     std::fs::write(

@@ -78,7 +78,12 @@ pub fn parse_request(body: &[u8]) -> Result<(DecideRequest, Value), (String, Val
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    let trace_id = get_str("trace_id").unwrap_or_else(|| request_id.clone());
+    // One trace id per request: the caller's, or a new one, in the reply's context
+    // as everywhere else.
+    let trace_id = get_str("trace_id")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(beamline_pipeline::new_trace_id);
+    let context = json!({"request_id": request_id, "trace_id": trace_id});
     Ok((
         DecideRequest {
             request_id: request_id.clone(),
@@ -87,7 +92,7 @@ pub fn parse_request(body: &[u8]) -> Result<(DecideRequest, Value), (String, Val
                 tenant_id,
                 trace_id,
                 message_type: task_type.to_string(),
-                payload,
+                payload: payload.into(),
                 metadata,
             },
             policy_id: get_str("policy_id").unwrap_or_default(),

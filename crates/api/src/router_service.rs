@@ -1,7 +1,7 @@
 //! gRPC `beamline.flow.v1.Router/Decide`.
 
 use beamline_model::ErrorCode;
-use beamline_model::wire::Message;
+use beamline_model::wire::{Message, Payload};
 use beamline_pipeline::{DecideError, DecideRequest, Decision, ExecutedExtension, Pipeline};
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
@@ -82,14 +82,21 @@ pub fn decide_request(req: proto::RouteRequest) -> Result<DecideRequest, Status>
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(|| m.message_id.clone());
+    // One trace id per request: the caller's, or a new one (extensions, logs and
+    // the reply all carry it).
+    let trace_id = if m.trace_id.is_empty() {
+        beamline_pipeline::new_trace_id()
+    } else {
+        m.trace_id
+    };
     Ok(DecideRequest {
         request_id,
         message: Message {
             message_id: m.message_id,
             tenant_id: m.tenant_id,
-            trace_id: m.trace_id,
+            trace_id,
             message_type: m.message_type,
-            payload,
+            payload: payload.into(),
             metadata: m
                 .metadata
                 .into_iter()
@@ -177,7 +184,10 @@ pub fn route_decision(d: Decision) -> proto::RouteDecision {
             tenant_id: d.message.tenant_id,
             trace_id: d.message.trace_id,
             message_type: d.message.message_type,
-            payload: d.message.payload.into_bytes(),
+            payload: match d.message.payload {
+                Payload::Text(text) => text.into_bytes(),
+                Payload::Json(value) => value.to_string().into_bytes(),
+            },
             timestamp_ms: chrono_now_ms(),
         }),
         executed_extensions: executed_to_wire(d.executed_extensions),
@@ -186,6 +196,7 @@ pub fn route_decision(d: Decision) -> proto::RouteDecision {
             output_json: p.output.to_string(),
             prompt_tokens: p.prompt_tokens,
             completion_tokens: p.completion_tokens,
+            total_tokens: p.total_tokens,
         }),
     }
 }
@@ -207,9 +218,16 @@ impl Router for RouterService {
             auth.authorize(request.metadata(), crate::auth::Role::Viewer, "decide")?;
         }
         let req = decide_request(request.into_inner())?;
+        let trace_id = req.message.trace_id.clone();
         match self.pipeline.decide(req).await {
             Ok(d) => Ok(Response::new(route_decision(d))),
-            Err(e) => Err(status_with_steps(e)),
+            Err(e) => {
+                let mut status = status_with_steps(e);
+                if let Ok(v) = trace_id.parse() {
+                    status.metadata_mut().insert("x-beamline-trace-id", v);
+                }
+                Err(status)
+            }
         }
     }
 }

@@ -119,6 +119,10 @@ pub struct ProviderSpec {
     /// A provider-type extension to invoke when this provider is chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extension: Option<String>,
+    /// Sent to the provider's extension as `parameters` (`max_tokens`, `model`, …);
+    /// a request's context `parameters` overrides them key by key.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub parameters: Map<String, Value>,
 }
 
 fn default_weight() -> u32 {
@@ -291,6 +295,9 @@ impl Policy {
             if let Some(ext) = &p.extension {
                 check_id(&format!("{field}.extension"), ext)?;
             }
+            limits
+                .check_map_shape(&p.parameters)
+                .map_err(|e| e.within(&format!("{field}.parameters")))?;
         }
         let per_type = [
             ("pre", document.pre.len(), "too_many_pre_processors"),

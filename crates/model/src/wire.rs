@@ -23,8 +23,8 @@ pub const HEADER_SERVICE_ERROR: &str = "Nats-Service-Error";
 /// NATS micro: the error's code.
 pub const HEADER_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 
-/// The message that travels through the pipeline. `payload` is the request text; pre
-/// and post extensions may rewrite it.
+/// The message that travels through the pipeline. `payload` is the request's content
+/// (text, or JSON passed as is); pre and post extensions may rewrite it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Message {
     #[serde(default)]
@@ -36,13 +36,129 @@ pub struct Message {
     #[serde(default)]
     pub message_type: String,
     #[serde(default)]
-    pub payload: String,
+    pub payload: Payload,
     #[serde(default)]
     pub metadata: Map<String, Value>,
 }
 
-/// What the router sends to an extension.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A message's content: text, as the original always sent, or any other JSON value
+/// (an object payload, a provider's structured answer), which travels as is — an
+/// extension receives it as JSON and may answer JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    Text(String),
+    /// Never a JSON string (that is [`Payload::Text`]) and never null.
+    Json(Value),
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload::Text(String::new())
+    }
+}
+
+impl Payload {
+    /// The text, when the payload is text.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Payload::Text(s) => Some(s),
+            Payload::Json(_) => None,
+        }
+    }
+
+    /// The text, or the JSON written as text: what a text-only reader (a prompt,
+    /// a gRPC `bytes` field, a PII scan) gets.
+    pub fn to_text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Payload::Text(s) => std::borrow::Cow::Borrowed(s),
+            Payload::Json(v) => std::borrow::Cow::Owned(v.to_string()),
+        }
+    }
+
+    /// Bytes the payload takes on the wire (the text's length, or the JSON's).
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Payload::Text(s) => s.len(),
+            Payload::Json(v) => crate::limits::json_len(v),
+        }
+    }
+
+    /// The payload as a JSON value (text becomes a JSON string).
+    pub fn into_value(self) -> Value {
+        match self {
+            Payload::Text(s) => Value::String(s),
+            Payload::Json(v) => v,
+        }
+    }
+
+    /// `Some` for what a payload may hold: a string (text) or any other JSON value
+    /// but null.
+    pub fn from_value(v: Value) -> Option<Payload> {
+        match v {
+            Value::Null => None,
+            Value::String(s) => Some(Payload::Text(s)),
+            other => Some(Payload::Json(other)),
+        }
+    }
+}
+
+impl From<String> for Payload {
+    fn from(s: String) -> Payload {
+        Payload::Text(s)
+    }
+}
+
+impl From<&str> for Payload {
+    fn from(s: &str) -> Payload {
+        Payload::Text(s.to_string())
+    }
+}
+
+impl PartialEq<str> for Payload {
+    fn eq(&self, other: &str) -> bool {
+        self.as_text() == Some(other)
+    }
+}
+
+impl PartialEq<String> for Payload {
+    fn eq(&self, other: &String) -> bool {
+        self.as_text() == Some(other.as_str())
+    }
+}
+
+impl PartialEq<&str> for Payload {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_text() == Some(*other)
+    }
+}
+
+impl std::fmt::Display for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_text())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Payload::Text(s) => serializer.serialize_str(s),
+            Payload::Json(v) => v.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
+        // null reads as empty text, so a sender that writes `"payload": null` is
+        // still understood.
+        Ok(Payload::from_value(Value::deserialize(deserializer)?).unwrap_or_default())
+    }
+}
+
+/// What the router sends to an extension. Every type gets the first five fields;
+/// a provider also gets the original's provider fields, a post-processor the
+/// original document's `message` / `context` names for `payload` / `metadata`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ExtensionRequest {
     #[serde(default)]
     pub trace_id: String,
@@ -56,6 +172,21 @@ pub struct ExtensionRequest {
     /// The policy step's `config` (extensions may ignore it).
     #[serde(default)]
     pub config: Map<String, Value>,
+    /// provider: the policy's provider this call is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
+    /// provider: the message's content after the pre steps (`payload.payload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Payload>,
+    /// provider: the policy provider's `parameters`, overridden by the request's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Map<String, Value>>,
+    /// post: the same message as `payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message>,
+    /// provider, post: the same context as `metadata`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Map<String, Value>>,
 }
 
 /// [`ExtensionRequest`] by reference, for the router to serialise without cloning
@@ -67,6 +198,16 @@ pub struct ExtensionRequestRef<'a> {
     pub payload: &'a Message,
     pub metadata: &'a Map<String, Value>,
     pub config: &'a Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<&'a Payload>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<&'a Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<&'a Message>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'a Map<String, Value>>,
 }
 
 /// A validator's verdict.
@@ -76,13 +217,60 @@ pub enum Verdict {
     Reject { reason: String, details: Value },
 }
 
-/// Token usage a provider reports.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Token usage a provider reports. Read leniently, as the original's providers write
+/// it: any non-negative number (rounded), `total_tokens` optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
+    /// The provider's own total, or prompt + completion when it gave none.
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
+    }
+
+    /// Reads a reply's `usage` object; the error names the field.
+    pub fn parse(value: &Value) -> Result<Usage, ReplyError> {
+        let Value::Object(map) = value else {
+            return Err(ReplyError::Invalid(format!(
+                "usage must be an object, found {}",
+                json_kind(value)
+            )));
+        };
+        let count = |key: &str| -> Result<Option<u64>, ReplyError> {
+            match map.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Number(n)) => match n.as_u64() {
+                    Some(u) => Ok(Some(u)),
+                    None => match n.as_f64() {
+                        Some(f) if f >= 0.0 && f.is_finite() => Ok(Some(f.round() as u64)),
+                        _ => Err(ReplyError::Invalid(format!(
+                            "usage.{key} must be a non-negative number, found {n}"
+                        ))),
+                    },
+                },
+                Some(other) => Err(ReplyError::Invalid(format!(
+                    "usage.{key} must be a non-negative number, found {}",
+                    json_kind(other)
+                ))),
+            }
+        };
+        let prompt = count("prompt_tokens")?.unwrap_or(0);
+        let completion = count("completion_tokens")?.unwrap_or(0);
+        let total = count("total_tokens")?.unwrap_or(prompt.saturating_add(completion));
+        Ok(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: total,
+        })
+    }
 }
 
 /// A provider's answer.
@@ -109,7 +297,8 @@ pub enum Reply {
 /// How a pre/post reply changes the message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MessageUpdate {
-    /// `"payload": {...}`: message fields to replace (fields not given stay).
+    /// `"payload": {...}` (or the original document's `"message": {...}`): message
+    /// fields to replace (fields not given stay).
     Fields(Map<String, Value>),
     /// `"payload": "text"`: the new request text.
     Text(String),
@@ -136,35 +325,39 @@ fn str_field(map: &Map<String, Value>, key: &str) -> Option<String> {
 }
 
 impl MessageUpdate {
-    /// Applies the update; field types that do not fit are an invalid reply.
+    /// Checks the fields an update would set; `key` is where the reply put them
+    /// (`payload` or `message`), for the error's field path.
+    fn check(fields: &Map<String, Value>, key: &str) -> Result<(), ReplyError> {
+        for (k, v) in fields {
+            let expected = match (k.as_str(), v) {
+                ("payload", Value::Null) => "text or JSON (not null)",
+                ("message_type", v) if !v.is_string() => "a string",
+                ("metadata", v) if !v.is_object() => "an object",
+                _ => continue,
+            };
+            return Err(ReplyError::Invalid(format!(
+                "{key}.{k} must be {expected}, found {}",
+                json_kind(v)
+            )));
+        }
+        Ok(())
+    }
+
     /// Applies the update; field types that do not fit are an invalid reply, and then
     /// the message is left exactly as it was (everything is checked before anything
     /// is changed).
     pub fn apply(self, message: &mut Message) -> Result<(), ReplyError> {
         match self {
-            MessageUpdate::Text(t) => message.payload = t,
+            MessageUpdate::Text(t) => message.payload = Payload::Text(t),
             MessageUpdate::Fields(map) => {
-                for (k, v) in &map {
-                    let ok = match k.as_str() {
-                        "payload" | "message_type" => v.is_string(),
-                        "metadata" => v.is_object(),
-                        _ => true,
-                    };
-                    if !ok {
-                        return Err(ReplyError::Invalid(format!(
-                            "payload.{k} must be {}, found {}",
-                            if k == "metadata" {
-                                "an object"
-                            } else {
-                                "a string"
-                            },
-                            json_kind(v)
-                        )));
-                    }
-                }
+                Self::check(&map, "payload")?;
                 for (k, v) in map {
                     match (k.as_str(), v) {
-                        ("payload", Value::String(s)) => message.payload = s,
+                        ("payload", v) => {
+                            if let Some(p) = Payload::from_value(v) {
+                                message.payload = p;
+                            }
+                        }
                         ("message_type", Value::String(s)) => message.message_type = s,
                         ("metadata", Value::Object(m)) => message.metadata = m,
                         // Ids are the router's: an extension cannot re-address a request.
@@ -210,25 +403,40 @@ impl Reply {
             }
             Some(other) => {
                 return Err(ReplyError::Invalid(format!(
-                    "`error` must be an object, found {}",
+                    "error must be an object, found {}",
                     json_kind(other)
                 )));
             }
         }
         match ext_type {
             ExtensionType::Pre | ExtensionType::Post => {
-                let message = match map.remove("payload") {
+                // The original's document writes `message` / `context` where the
+                // common contract says `payload` / `metadata`: both are read.
+                let key = if matches!(map.get("payload"), None | Some(Value::Null)) {
+                    "message"
+                } else {
+                    "payload"
+                };
+                let message = match map.remove(key) {
                     None | Some(Value::Null) => None,
-                    Some(Value::Object(m)) => Some(MessageUpdate::Fields(m)),
+                    Some(Value::Object(m)) => {
+                        MessageUpdate::check(&m, key)?;
+                        Some(MessageUpdate::Fields(m))
+                    }
                     Some(Value::String(s)) => Some(MessageUpdate::Text(s)),
                     Some(other) => {
                         return Err(ReplyError::Invalid(format!(
-                            "`payload` must be a message object or a string, found {}",
+                            "{key} must be a message object or a string, found {}",
                             json_kind(&other)
                         )));
                     }
                 };
-                let metadata = take_object(&mut map, "metadata")?;
+                let key = if matches!(map.get("metadata"), None | Some(Value::Null)) {
+                    "context"
+                } else {
+                    "metadata"
+                };
+                let metadata = take_object(&mut map, key)?;
                 Ok(Reply::Transform { message, metadata })
             }
             ExtensionType::Validator => {
@@ -272,10 +480,9 @@ impl Reply {
                         ));
                     }
                 };
-                let usage = match map.remove("usage") {
+                let usage = match map.get("usage") {
                     None | Some(Value::Null) => Usage::default(),
-                    Some(v) => serde_json::from_value(v)
-                        .map_err(|e| ReplyError::Invalid(format!("`usage`: {e}")))?,
+                    Some(v) => Usage::parse(v)?,
                 };
                 let metadata = take_object(&mut map, "metadata")?;
                 Ok(Reply::Provider(ProviderOutput {
@@ -294,7 +501,7 @@ fn take_object(map: &mut Map<String, Value>, key: &str) -> Result<Map<String, Va
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(m)) => Ok(m),
         Some(other) => Err(ReplyError::Invalid(format!(
-            "`{key}` must be an object, found {}",
+            "{key} must be an object, found {}",
             json_kind(&other)
         ))),
     }
@@ -329,7 +536,10 @@ mod tests {
             ..Default::default()
         };
         update.apply(&mut m).unwrap();
-        assert_eq!((m.payload.as_str(), m.tenant_id.as_str()), ("hi", "t"));
+        assert_eq!(
+            (m.payload.as_text().unwrap(), m.tenant_id.as_str()),
+            ("hi", "t")
+        );
         assert_eq!(metadata["lang"], "en");
         assert!(matches!(
             parse(ExtensionType::Post, json!({})).unwrap(),
@@ -352,7 +562,7 @@ mod tests {
         .collect();
         assert!(MessageUpdate::Fields(bad).apply(&mut m).is_err());
         assert_eq!(
-            (m.payload.as_str(), m.message_type.as_str()),
+            (m.payload.as_text().unwrap(), m.message_type.as_str()),
             ("keep", "chat")
         );
     }
@@ -440,6 +650,101 @@ mod tests {
             (p.provider_id.as_str(), p.usage.completion_tokens),
             ("p", 5)
         );
+        assert_eq!(
+            p.usage.total_tokens, 8,
+            "prompt + completion when not given"
+        );
+    }
+
+    #[test]
+    fn provider_usage_is_read_as_the_original_writes_it() {
+        let r = parse(
+            ExtensionType::Provider,
+            json!({"provider_id": "p", "output": "x",
+                   "usage": {"prompt_tokens": 4.5, "completion_tokens": 2.25, "total_tokens": 6.75}}),
+        )
+        .unwrap();
+        let Reply::Provider(p) = r else { panic!() };
+        assert_eq!(
+            p.usage,
+            Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2,
+                total_tokens: 7
+            }
+        );
+        for (usage, path) in [
+            (json!({"prompt_tokens": -1}), "usage.prompt_tokens"),
+            (json!({"completion_tokens": "3"}), "usage.completion_tokens"),
+            (json!({"total_tokens": true}), "usage.total_tokens"),
+            (json!([1]), "usage must be an object"),
+        ] {
+            let e = parse(
+                ExtensionType::Provider,
+                json!({"provider_id": "p", "usage": usage}),
+            )
+            .unwrap_err();
+            let ReplyError::Invalid(m) = e else { panic!() };
+            assert!(m.contains(path), "{m}");
+            assert!(
+                !m.contains("u64") && !m.contains("expected"),
+                "no Rust type: {m}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_documents_message_and_context_shape_is_read() {
+        let r = parse(
+            ExtensionType::Post,
+            json!({"message": {"payload": "masked"}, "context": {"masked": true}}),
+        )
+        .unwrap();
+        let Reply::Transform {
+            message: Some(update),
+            metadata,
+        } = r
+        else {
+            panic!()
+        };
+        let mut m = Message::default();
+        update.apply(&mut m).unwrap();
+        assert_eq!(m.payload, "masked");
+        assert_eq!(metadata["masked"], true);
+        let e = parse(ExtensionType::Post, json!({"message": {"metadata": 1}})).unwrap_err();
+        assert_eq!(
+            e,
+            ReplyError::Invalid("message.metadata must be an object, found a number".into())
+        );
+    }
+
+    #[test]
+    fn json_payloads_travel_as_json() {
+        let r = parse(
+            ExtensionType::Post,
+            json!({"payload": {"payload": {"answer": [1, 2]}}}),
+        )
+        .unwrap();
+        let Reply::Transform {
+            message: Some(update),
+            ..
+        } = r
+        else {
+            panic!()
+        };
+        let mut m = Message::default();
+        update.apply(&mut m).unwrap();
+        assert_eq!(m.payload, Payload::Json(json!({"answer": [1, 2]})));
+        assert_eq!(
+            serde_json::to_value(&m).unwrap()["payload"],
+            json!({"answer": [1, 2]})
+        );
+        let back: Message = serde_json::from_value(json!({"payload": null})).unwrap();
+        assert_eq!(back.payload, "");
+        assert!(matches!(
+            parse(ExtensionType::Pre, json!({"payload": {"payload": null}})),
+            Err(ReplyError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -453,6 +758,11 @@ mod tests {
             },
             metadata: [("k".to_string(), json!(1))].into_iter().collect(),
             config: Map::new(),
+            provider_id: Some("p".into()),
+            prompt: Some(r#""hello""#.into()),
+            parameters: Some(Map::new()),
+            message: None,
+            context: Some(Map::new()),
         };
         let by_ref = ExtensionRequestRef {
             trace_id: &r.trace_id,
@@ -460,6 +770,11 @@ mod tests {
             payload: &r.payload,
             metadata: &r.metadata,
             config: &r.config,
+            provider_id: r.provider_id.as_deref(),
+            prompt: r.prompt.as_ref(),
+            parameters: r.parameters.as_ref(),
+            message: r.message.as_ref(),
+            context: r.context.as_ref(),
         };
         assert_eq!(
             serde_json::to_value(&by_ref).unwrap(),
@@ -478,6 +793,14 @@ mod tests {
             },
             metadata: Map::new(),
             config: Map::new(),
+            provider_id: None,
+            prompt: None,
+            parameters: None,
+            message: Some(Message {
+                payload: Payload::Json(json!({"k": [1, 2]})),
+                ..Default::default()
+            }),
+            context: None,
         };
         let back: ExtensionRequest =
             serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();

@@ -258,6 +258,7 @@ async fn decide(quick: bool, steps: &[usize], concurrency: &[usize], out: &Path)
                 payload: request(policy).message,
                 metadata: context,
                 config: Map::new(),
+                ..ExtensionRequest::default()
             })
             .unwrap(),
         )

@@ -238,6 +238,7 @@ async fn run(quick: bool) {
         payload: request("hello world", "one").message,
         metadata: context,
         config: Map::new(),
+        ..ExtensionRequest::default()
     })
     .unwrap();
     let raw_subject = format!("{prefix}.e1");

@@ -20,6 +20,7 @@ pub use breaker::{BreakerConfig, BreakerState};
 pub use invoker::{InvokeError, InvokerConfig};
 pub use observer::{InvocationEvent, Observer};
 pub use pipeline::{
-    DecideError, DecideRequest, Decision, ExecutedExtension, Pipeline, PipelineConfig, StepStatus,
+    DecideError, DecideRequest, Decision, ExecutedExtension, Pipeline, PipelineConfig,
+    ProviderOutputView, StepStatus, new_trace_id,
 };
 pub use runtime::{ExtensionHealth, HealthSummary};

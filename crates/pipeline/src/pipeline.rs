@@ -36,6 +36,7 @@ use serde_json::Value;
 
 pub use contract::{
     DecideError, DecideRequest, Decision, ExecutedExtension, ProviderOutputView, StepStatus,
+    new_trace_id,
 };
 
 use crate::balancer::SmoothWrr;
@@ -55,6 +56,10 @@ pub struct PipelineConfig {
     /// Calls in flight to one extension at most (the bulkhead); more fail at once
     /// with `extension_unavailable`, sending nothing.
     pub max_in_flight_per_extension: usize,
+    /// Echo a blocking validator's `details` to the caller (`validator_blocked`
+    /// details). Off by default: they can hold the very data that was blocked. They
+    /// are always logged at debug.
+    pub expose_validator_details: bool,
     #[serde(flatten)]
     pub invoker: InvokerConfig,
 }
@@ -64,6 +69,7 @@ impl Default for PipelineConfig {
         Self {
             default_request_timeout_ms: 30_000,
             max_in_flight_per_extension: crate::runtime::DEFAULT_MAX_IN_FLIGHT,
+            expose_validator_details: false,
             invoker: InvokerConfig::default(),
         }
     }
@@ -165,9 +171,15 @@ impl Pipeline {
             .await?;
         self.validator_stage(state, &policy.validators).await?;
         state.check_deadline("provider")?;
-        let selection = self.select_provider(state).await?;
-        self.transform_stage(state, ExtensionType::Post, &policy.post)
-            .await?;
+        let mut selection = self.select_provider(state).await?;
+        // Post runs on the provider's answer when there is one, else on the message.
+        match selection.output.as_mut() {
+            Some(answer) => self.post_on_answer(state, &policy.post, answer).await?,
+            None => {
+                self.transform_stage(state, ExtensionType::Post, &policy.post)
+                    .await?
+            }
+        }
         Ok(self.decision(state, selection))
     }
 

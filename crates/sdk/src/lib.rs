@@ -11,7 +11,10 @@
 //! impl Handler for Shout {
 //!     async fn handle(&self, request: ExtensionRequest) -> Result<Response, ExtensionError> {
 //!         let mut message = request.payload;
-//!         message.payload = message.payload.to_uppercase();
+//!         // Text is shouted; a JSON payload passes through unchanged.
+//!         if let Some(text) = message.payload.as_text() {
+//!             message.payload = text.to_uppercase().into();
+//!         }
 //!         Ok(Response::transform(message))
 //!     }
 //! }
@@ -33,7 +36,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use async_nats::HeaderMap;
-pub use beamline_model::wire::{ExtensionRequest, Message, Usage};
+pub use beamline_model::wire::{ExtensionRequest, Message, Payload, Usage};
 use beamline_model::wire::{HEADER_SERVICE_ERROR, HEADER_SERVICE_ERROR_CODE};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};

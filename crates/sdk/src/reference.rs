@@ -3,10 +3,13 @@
 //!
 //! | extension | type | subject | does |
 //! |---|---|---|---|
-//! | [`NormalizeText`] | pre | `beamline.ext.pre.normalize_text.v1` | Unicode NFKC, collapses whitespace, trims; `config.max_length` truncates |
-//! | [`PiiGuard`] | validator | `beamline.ext.validate.pii_guard.v1` | rejects e-mail addresses, card numbers (Luhn-checked) and phone numbers |
-//! | [`MaskPii`] | post | `beamline.ext.post.mask_pii.v1` | masks the same in the message |
-//! | [`TestProvider`] | provider | `beamline.provider.test_provider.v1` | echoes the request text |
+//! | [`NormalizeText`] | pre | `beamline.ext.pre.normalize_text.v1` | Unicode NFKC, collapses whitespace, trims; `config.max_length` truncates; JSON passes unchanged |
+//! | [`PiiGuard`] | validator | `beamline.ext.validate.pii_guard.v1` | rejects e-mail addresses, card numbers (Luhn-checked) and phone numbers (in JSON too) |
+//! | [`MaskPii`] | post | `beamline.ext.post.mask_pii.v1` | masks the same in the message it is given — the provider's answer when there is one (every string of a JSON answer) |
+//! | [`TestProvider`] | provider | `beamline.provider.test_provider.v1` | echoes the `prompt` |
+//!
+//! They are this project's own, written in Rust: not the original's Node samples,
+//! whose behaviour differs (see the README).
 //! | [`Echo`] | any pre/post | (benchmarks) | answers "unchanged" at once |
 
 use std::sync::LazyLock;
@@ -15,7 +18,7 @@ use regex::Regex;
 use serde_json::{Map, Value, json};
 use unicode_normalization::UnicodeNormalization;
 
-use crate::{ExtensionError, ExtensionRequest, Handler, Response, ServeOptions, Usage};
+use crate::{ExtensionError, ExtensionRequest, Handler, Payload, Response, ServeOptions, Usage};
 
 pub const NORMALIZE_TEXT_SUBJECT: &str = "beamline.ext.pre.normalize_text.v1";
 pub const PII_GUARD_SUBJECT: &str = "beamline.ext.validate.pii_guard.v1";
@@ -28,14 +31,17 @@ pub struct NormalizeText;
 impl Handler for NormalizeText {
     async fn handle(&self, request: ExtensionRequest) -> Result<Response, ExtensionError> {
         let mut message = request.payload;
-        let text: String = message.payload.nfkc().collect();
+        let Some(text) = message.payload.as_text() else {
+            return Ok(Response::unchanged());
+        };
+        let text: String = text.nfkc().collect();
         let mut normalized = text.split_whitespace().collect::<Vec<_>>().join(" ");
         if let Some(max) = request.config.get("max_length").and_then(Value::as_u64)
             && let Some((cut, _)) = normalized.char_indices().nth(max as usize)
         {
             normalized.truncate(cut);
         }
-        message.payload = normalized;
+        message.payload = normalized.into();
         Ok(Response::transform(message))
     }
 }
@@ -125,7 +131,7 @@ pub struct PiiGuard;
 
 impl Handler for PiiGuard {
     async fn handle(&self, request: ExtensionRequest) -> Result<Response, ExtensionError> {
-        let found = find_pii(&request.payload.payload);
+        let found = find_pii(&request.payload.payload.to_text());
         if found.is_empty() {
             return Ok(Response::Ok);
         }
@@ -158,29 +164,46 @@ pub fn mask_pii(text: &str) -> String {
     out
 }
 
+/// Masks every string in a JSON value, keys left alone.
+fn mask_json(value: &mut Value) {
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) => *s = mask_pii(s),
+            Value::Array(items) => stack.extend(items.iter_mut()),
+            Value::Object(map) => stack.extend(map.values_mut()),
+            _ => {}
+        }
+    }
+}
+
 impl Handler for MaskPii {
     async fn handle(&self, request: ExtensionRequest) -> Result<Response, ExtensionError> {
         let mut message = request.payload;
-        message.payload = mask_pii(&message.payload);
+        match &mut message.payload {
+            Payload::Text(text) => *text = mask_pii(text),
+            Payload::Json(value) => mask_json(value),
+        }
         Ok(Response::transform(message))
     }
 }
 
-/// A provider that echoes the request text.
+/// A provider that echoes its prompt.
 pub struct TestProvider;
 
 impl Handler for TestProvider {
     async fn handle(&self, request: ExtensionRequest) -> Result<Response, ExtensionError> {
-        let words = request.payload.payload.split_whitespace().count() as u64;
+        let prompt = match &request.prompt {
+            Some(p) => p.to_text(),
+            None => request.payload.payload.to_text(),
+        };
+        let words = prompt.split_whitespace().count() as u64;
         let mut metadata = Map::new();
         metadata.insert("model".into(), Value::String("echo-1".into()));
         Ok(Response::Provider {
             provider_id: "test_provider".into(),
-            output: Value::String(format!("echo: {}", request.payload.payload)),
-            usage: Usage {
-                prompt_tokens: words,
-                completion_tokens: words + 1,
-            },
+            output: Value::String(format!("echo: {prompt}")),
+            usage: Usage::new(words, words + 1),
             metadata,
         })
     }
@@ -236,8 +259,8 @@ mod tests {
                 payload: text.into(),
                 ..Default::default()
             },
-            metadata: Map::new(),
             config: config.as_object().cloned().unwrap_or_default(),
+            ..Default::default()
         }
     }
 
@@ -288,6 +311,27 @@ mod tests {
         assert_eq!(
             mask_pii("jane@example.com / 4111-1111-1111-1111 / +44 20 7946 0958"),
             "[EMAIL] / [CARD] / [PHONE]"
+        );
+    }
+
+    #[tokio::test]
+    async fn json_payloads_are_masked_string_by_string_and_normalize_passes_them() {
+        let mut r = req("", json!({}));
+        r.payload.payload =
+            Payload::Json(json!({"to": "jane@example.com", "n": [1, "call +1 555 123 4567"]}));
+        let Response::Transform {
+            message: Some(m), ..
+        } = MaskPii.handle(r.clone()).await.unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            m.payload,
+            Payload::Json(json!({"to": "[EMAIL]", "n": [1, "call [PHONE]"]}))
+        );
+        assert_eq!(
+            NormalizeText.handle(r).await.unwrap(),
+            Response::unchanged()
         );
     }
 

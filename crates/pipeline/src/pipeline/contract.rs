@@ -30,6 +30,8 @@ pub enum StepStatus {
     Warn,
     Ignore,
     Skipped,
+    /// A validator said no and its `on_fail` is `block`.
+    Reject,
     Error,
 }
 
@@ -40,6 +42,7 @@ impl StepStatus {
             StepStatus::Warn => "warn",
             StepStatus::Ignore => "ignore",
             StepStatus::Skipped => "skipped",
+            StepStatus::Reject => "reject",
             StepStatus::Error => "error",
         }
     }
@@ -99,6 +102,7 @@ pub struct ProviderOutputView {
     pub output: Value,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub total_tokens: u64,
 }
 
 impl From<ProviderOutput> for ProviderOutputView {
@@ -108,8 +112,19 @@ impl From<ProviderOutput> for ProviderOutputView {
             output: p.output,
             prompt_tokens: p.usage.prompt_tokens,
             completion_tokens: p.usage.completion_tokens,
+            total_tokens: p.usage.total_tokens,
         }
     }
+}
+
+/// A fresh trace id (32 lowercase hex digits, the W3C trace-id form) for a request
+/// whose caller sent none.
+pub fn new_trace_id() -> String {
+    use std::fmt::Write;
+    let n: u128 = rand::random();
+    let mut s = String::with_capacity(32);
+    let _ = write!(s, "{n:032x}");
+    s
 }
 
 /// A failed Decide: the code is the wire contract, the message names what failed.
@@ -137,6 +152,19 @@ impl DecideError {
         self
     }
 
+    /// When the extension answered with an error of its own (`{"error": …}`, a
+    /// provider's `status: error`, the NATS micro headers), its code and message go
+    /// to the caller as `details.extension_error`.
+    pub(crate) fn extension_error(self, e: &InvokeError) -> DecideError {
+        match e {
+            InvokeError::Extension { code, message } => self.detail(
+                "extension_error",
+                serde_json::json!({"code": code, "message": message}),
+            ),
+            _ => self,
+        }
+    }
+
     /// A step's failure as the request's error: the call's own code where it says
     /// more than the stage's (`stage_code`) would.
     pub(crate) fn of_step(
@@ -158,5 +186,6 @@ impl DecideError {
             .detail("extension_id", id.to_string())
             .detail("stage", ext_type.as_str())
             .detail("cause", e.code().as_str())
+            .extension_error(e)
     }
 }

@@ -55,6 +55,14 @@ pub(crate) struct StepCall<'a> {
     pub ext_type: ExtensionType,
     pub id: &'a str,
     pub config: &'a Map<String, Value>,
+    /// For a provider's extension: the policy's provider and its parameters.
+    pub provider: Option<ProviderCall<'a>>,
+}
+
+/// The original's provider fields of a provider request.
+pub(crate) struct ProviderCall<'a> {
+    pub provider_id: &'a str,
+    pub parameters: &'a Map<String, Value>,
 }
 
 impl Pipeline {
@@ -64,6 +72,7 @@ impl Pipeline {
             ext_type: expected,
             id,
             config,
+            provider,
         } = step;
         let fail = |e: InvokeError, version: Option<String>| StepRun {
             outcome: Err(e),
@@ -112,12 +121,21 @@ impl Pipeline {
             merged = m;
             &merged
         };
+        // The original's names ride along where its extensions look for them: a
+        // provider reads `prompt`, `parameters`, `context`; a post-processor
+        // written to its document reads `message` and `context`.
+        let post = expected == ExtensionType::Post;
         let body = ExtensionRequestRef {
             trace_id: state.trace_id(),
             tenant_id: tenant,
             payload: &state.message,
             metadata: &state.context,
             config,
+            provider_id: provider.as_ref().map(|p| p.provider_id),
+            prompt: provider.as_ref().map(|_| &state.message.payload),
+            parameters: provider.as_ref().map(|p| p.parameters),
+            message: post.then_some(&state.message),
+            context: (post || provider.is_some()).then_some(&state.context),
         };
         let body = match serde_json::to_vec(&body) {
             Ok(b) => bytes::Bytes::from(b),

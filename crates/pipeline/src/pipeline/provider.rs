@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use super::Pipeline;
 use super::contract::{DecideError, ExecutedExtension, StepStatus};
-use super::invoke::StepCall;
+use super::invoke::{ProviderCall, StepCall};
 use super::state::RequestState;
 use crate::balancer::SmoothWrr;
 use crate::invoker::InvokeError;
@@ -104,10 +104,25 @@ impl Pipeline {
                 return Ok(chosen(None));
             }
             state.check_deadline("provider")?;
+            // The policy's parameters, overridden key by key by the request's.
+            let merged;
+            let parameters = match state.context.get("parameters") {
+                Some(Value::Object(own)) if !own.is_empty() => {
+                    let mut m = provider.parameters.clone();
+                    m.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    merged = m;
+                    &merged
+                }
+                _ => &provider.parameters,
+            };
             let call = StepCall {
                 ext_type: ExtensionType::Provider,
                 id: ext,
                 config: &no_config,
+                provider: Some(ProviderCall {
+                    provider_id: &provider.name,
+                    parameters,
+                }),
             };
             let run = self.invoke(state, call).await;
             let failure = match run.outcome {
@@ -175,12 +190,14 @@ impl Pipeline {
                     return Err(DecideError::new(
                         ErrorCode::DecisionFailed,
                         format!(
-                            "provider {} failed and no fallback applies: {failure}",
+                            "provider {} (extension {ext}) failed and no fallback applies: {failure}",
                             provider.name
                         ),
                     )
                     .detail("provider_id", provider.name.clone())
-                    .detail("cause", failure.code().as_str()));
+                    .detail("extension_id", ext)
+                    .detail("cause", failure.code().as_str())
+                    .extension_error(&failure));
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beamline_model::policy::Policy;
-use beamline_model::wire::Message;
+use beamline_model::wire::{Message, Payload};
 use beamline_model::{ErrorCode, Limits};
 use beamline_registry::Snapshot;
 use serde_json::{Map, Value};
@@ -46,18 +46,23 @@ impl RequestState {
     ) -> Result<RequestState, DecideError> {
         let DecideRequest {
             request_id,
-            message,
+            mut message,
             policy_id,
             mut context,
         } = request;
         let tenant_id = message.tenant_id.clone();
         check_request_ids(&request_id, &message, &policy_id)?;
+        // One trace id for the whole request: the caller's, or a new one.
+        if message.trace_id.is_empty() {
+            message.trace_id = super::contract::new_trace_id();
+        }
         let policy_id = if policy_id.is_empty() {
             "default".to_string()
         } else {
             policy_id
         };
         check_request_limits(limits, &message, &context)?;
+        read_parameters(limits, &mut context)?;
 
         let policy = snapshot
             .policy(&tenant_id, &policy_id)
@@ -129,16 +134,25 @@ fn check_request_limits(
     message: &Message,
     context: &Map<String, Value>,
 ) -> Result<(), DecideError> {
-    if message.payload.len() > l.max_payload_bytes {
+    let payload_len = message.payload.byte_len();
+    if payload_len > l.max_payload_bytes {
         return Err(DecideError::new(
             ErrorCode::InvalidRequest,
             format!(
-                "payload_too_large: payload is {} bytes, the limit is {} (limits.max_payload_bytes)",
-                message.payload.len(),
+                "payload_too_large: payload is {payload_len} bytes, the limit is {} (limits.max_payload_bytes)",
                 l.max_payload_bytes
             ),
         )
         .detail("limit", "max_payload_bytes"));
+    }
+    if let Payload::Json(v) = &message.payload {
+        l.check_json_shape(v).map_err(|e| {
+            DecideError::new(
+                ErrorCode::InvalidRequest,
+                format!("message.payload: {}", e.reason),
+            )
+            .detail("limit", "json_shape")
+        })?;
     }
     let meta = beamline_model::limits::json_len(&message.metadata)
         .saturating_add(beamline_model::limits::json_len(context));
@@ -201,6 +215,39 @@ fn check_request_ids(
         beamline_model::extension::check_id("policy_id", policy_id)
             .map_err(|e| DecideError::new(ErrorCode::InvalidRequest, e.to_string()))?;
     }
+    Ok(())
+}
+
+/// The request's provider `parameters` (context key): an object, or — since gRPC's
+/// context holds strings — an object written as JSON text, read into the context
+/// as an object.
+fn read_parameters(limits: &Limits, context: &mut Map<String, Value>) -> Result<(), DecideError> {
+    let refuse = |found: &str| {
+        DecideError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "context.parameters must be an object (or an object written as JSON text), found {found}"
+            ),
+        )
+        .detail("field", "context.parameters")
+    };
+    let parsed = match context.get("parameters") {
+        None | Some(Value::Object(_)) => return Ok(()),
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(m)) => m,
+            Ok(other) => return Err(refuse(beamline_model::limits::json_kind(&other))),
+            Err(_) => return Err(refuse("text that is not JSON")),
+        },
+        Some(other) => return Err(refuse(beamline_model::limits::json_kind(other))),
+    };
+    limits.check_map_shape(&parsed).map_err(|e| {
+        DecideError::new(
+            ErrorCode::InvalidRequest,
+            format!("context.parameters: {}", e.reason),
+        )
+        .detail("limit", "json_shape")
+    })?;
+    context.insert("parameters".into(), Value::Object(parsed));
     Ok(())
 }
 

@@ -1,9 +1,11 @@
 //! The pre and post stages, one code path: each step may rewrite the message it is
 //! given and add context keys; `mode` says whether its failure fails the request.
+//! Post works on the provider's answer when a provider extension gave one.
 
 use beamline_model::policy::{Mode, Step};
-use beamline_model::wire::Reply;
+use beamline_model::wire::{Message, Payload, ProviderOutput, Reply};
 use beamline_model::{ErrorCode, ExtensionType};
+use serde_json::{Map, Value};
 
 use super::Pipeline;
 use super::contract::{DecideError, ExecutedExtension, StepStatus};
@@ -26,6 +28,45 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The post stage on a provider's answer: the steps see the answer as the
+    /// message's content (with `metadata.provider_id`), and what they leave is the
+    /// answer the caller gets. The request's message stays as the pre steps left it.
+    pub(crate) async fn post_on_answer(
+        &self,
+        state: &mut RequestState,
+        steps: &[Step],
+        answer: &mut ProviderOutput,
+    ) -> Result<(), DecideError> {
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let output = std::mem::take(&mut answer.output);
+        let had_output = !output.is_null();
+        let mut metadata = Map::new();
+        metadata.insert(
+            "provider_id".into(),
+            Value::String(answer.provider_id.clone()),
+        );
+        let answer_message = Message {
+            message_id: state.message.message_id.clone(),
+            tenant_id: state.message.tenant_id.clone(),
+            trace_id: state.message.trace_id.clone(),
+            message_type: state.message.message_type.clone(),
+            payload: Payload::from_value(output).unwrap_or_default(),
+            metadata,
+        };
+        let request = std::mem::replace(&mut state.message, answer_message);
+        let result = self
+            .transform_stage(state, ExtensionType::Post, steps)
+            .await;
+        let answered = std::mem::replace(&mut state.message, request);
+        // An answer without output stays without one unless a step wrote some.
+        if had_output || answered.payload != "" {
+            answer.output = answered.payload.into_value();
+        }
+        result
+    }
+
     async fn transform_step(
         &self,
         state: &mut RequestState,
@@ -43,6 +84,7 @@ impl Pipeline {
             ext_type,
             id,
             config: &step.config,
+            provider: None,
         };
         let StepRun { outcome, meta } = self.invoke(state, call).await;
         // Applied in place: `apply` checks everything before it changes anything.

@@ -201,7 +201,7 @@ pub struct Tag(pub &'static str);
 impl Handler for Tag {
     async fn handle(&self, r: ExtensionRequest) -> Result<Response, ExtensionError> {
         let mut m = r.payload;
-        m.payload = format!("{}+{}", m.payload, self.0);
+        m.payload = format!("{}+{}", m.payload, self.0).into();
         let mut out = Response::transform(m);
         if let Response::Transform { metadata, .. } = &mut out {
             metadata.insert(format!("seen_{}", self.0), json!(true));
@@ -288,6 +288,48 @@ pub async fn serve_raw(
             }
         }
     })
+}
+
+/// One request an extension received: its headers and its JSON body.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: Value,
+}
+
+/// Serves `subject` straight on NATS, as an extension in another language would:
+/// records every request and answers what `reply` makes of its body.
+pub async fn serve_recording(
+    client: &async_nats::Client,
+    subject: &str,
+    reply: impl Fn(&Value) -> Value + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::Mutex<Vec<Seen>>>,
+) {
+    use futures::StreamExt;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
+    client.flush().await.unwrap();
+    let client = client.clone();
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let body: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+            let headers = msg
+                .headers
+                .iter()
+                .flat_map(|h| h.iter())
+                .filter_map(|(k, v)| Some((k.to_string(), v.first()?.as_str().to_string())))
+                .collect();
+            let answer = reply(&body);
+            log.lock().unwrap().push(Seen { headers, body });
+            if let Some(to) = msg.reply {
+                let _ = client.publish(to, answer.to_string().into()).await;
+            }
+        }
+    });
+    (task, seen)
 }
 
 pub fn ext(id: &str, t: &str, timeout_ms: u64, retry: u64) -> Value {

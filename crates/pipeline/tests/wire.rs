@@ -1,0 +1,335 @@
+//! The original's wire contract (REFERENCE.md §3a) against real NATS, extensions
+//! answering raw JSON as one in another language would: the provider's request
+//! fields, post on the provider's answer, replies read as the original writes them,
+//! one trace id per request, and validator verdicts.
+
+mod common;
+
+use beamline_model::ErrorCode;
+use beamline_model::wire::Payload;
+use beamline_pipeline::{BreakerConfig, PipelineConfig, StepStatus};
+use common::*;
+use serde_json::{Value, json};
+
+fn statuses(d: &[beamline_pipeline::ExecutedExtension]) -> Vec<(&str, &'static str)> {
+    d.iter()
+        .map(|e| (e.id.as_str(), e.status.as_str()))
+        .collect()
+}
+
+/// A provider as the original's test_provider: reads `prompt`, answers fractional usage.
+fn original_provider(body: &Value) -> Value {
+    let prompt = body["prompt"].as_str().unwrap_or("");
+    let n = prompt.len() as f64 / 4.0;
+    json!({"provider_id": "test_provider", "output": format!("Mock response to: {prompt}"),
+           "usage": {"prompt_tokens": n, "completion_tokens": n + 0.5, "total_tokens": 2.0 * n + 0.5},
+           "metadata": {"model": "mock"}})
+}
+
+#[tokio::test]
+async fn the_provider_gets_the_originals_fields_and_post_runs_on_its_answer() {
+    let h = Harness::new(
+        json!([
+            ext("up", "pre", 1000, 0),
+            ext("prov", "provider", 1000, 0),
+            ext("mask", "post", 1000, 0)
+        ]),
+        json!({"providers": [{"name": "openai", "extension": "prov",
+                              "parameters": {"max_tokens": 512, "temperature": 0.2}}],
+               "pre": [{"id": "up"}], "post": [{"id": "mask"}]}),
+    )
+    .await;
+    let (_u, _) = serve_recording(&h.client, &h.subject("up"), |b| {
+        json!({"payload": {"payload": b["payload"]["payload"].as_str().unwrap().to_uppercase()}})
+    })
+    .await;
+    let (_p, provider_seen) =
+        serve_recording(&h.client, &h.subject("prov"), original_provider).await;
+    // Post as the original's mask_pii: reads payload.payload, answers payload + metadata.
+    let (_m, post_seen) = serve_recording(&h.client, &h.subject("mask"), |b| {
+        let mut message = b["payload"].clone();
+        let text = message["payload"]
+            .as_str()
+            .unwrap()
+            .replace("SECRET", "******");
+        message["payload"] = json!(text);
+        json!({"payload": message, "metadata": {"masked": true}})
+    })
+    .await;
+
+    let mut r = h.request("say secret");
+    r.context
+        .insert("parameters".into(), json!(r#"{"temperature": 0.9}"#));
+    let d = h.pipeline.decide(r).await.unwrap();
+
+    let body = provider_seen.lock().unwrap()[0].body.clone();
+    assert_eq!(body["provider_id"], "openai");
+    assert_eq!(body["prompt"], "SAY SECRET", "the text after the pre steps");
+    assert_eq!(
+        body["parameters"],
+        json!({"max_tokens": 512, "temperature": 0.9}),
+        "the policy's parameters, overridden by the request's"
+    );
+    assert_eq!(body["context"], body["metadata"]);
+    assert_eq!(body["context"]["tenant_id"], "acme");
+    assert_eq!(
+        body["payload"]["payload"], "SAY SECRET",
+        "what it got before stays"
+    );
+
+    let post = post_seen.lock().unwrap()[0].body.clone();
+    assert_eq!(post["payload"]["payload"], "Mock response to: SAY SECRET");
+    assert_eq!(post["payload"]["metadata"]["provider_id"], "test_provider");
+    assert_eq!(post["message"], post["payload"], "the document's shape too");
+    assert_eq!(post["context"], post["metadata"]);
+
+    let out = d.provider_output.unwrap();
+    assert_eq!(out.output, json!("Mock response to: SAY ******"));
+    assert_eq!(
+        (out.prompt_tokens, out.completion_tokens, out.total_tokens),
+        (3, 3, 6),
+        "2.5 → 3 (rounded), 3.0, 5.5 → 6"
+    );
+    assert_eq!(
+        d.message.payload, "SAY SECRET",
+        "the request message after pre"
+    );
+    assert_eq!(
+        statuses(&d.executed_extensions),
+        vec![("up", "ok"), ("prov", "ok"), ("mask", "ok")]
+    );
+}
+
+#[tokio::test]
+async fn json_answers_pass_as_is_and_may_be_replaced_as_is() {
+    let h = Harness::new(
+        json!([ext("prov", "provider", 1000, 0), ext("keep", "post", 1000, 0), ext("swap", "post", 1000, 0)]),
+        json!({"providers": [{"name": "p", "extension": "prov"}], "post": [{"id": "keep"}, {"id": "swap"}]}),
+    )
+    .await;
+    let (_p, _) = serve_recording(
+        &h.client,
+        &h.subject("prov"),
+        |_| json!({"provider_id": "p", "output": {"choices": [{"text": "hi"}]}}),
+    )
+    .await;
+    let (_k, keep_seen) = serve_recording(&h.client, &h.subject("keep"), |_| json!({})).await;
+    // The document's reply shape: `message` / `context`.
+    let (_s, _) = serve_recording(&h.client, &h.subject("swap"), |b| {
+        let mut m = b["message"].clone();
+        m["payload"]["choices"][0]["text"] = json!("bye");
+        json!({"message": m, "context": {"swapped": true}})
+    })
+    .await;
+    let d = h.pipeline.decide(h.request("x")).await.unwrap();
+    assert_eq!(
+        keep_seen.lock().unwrap()[0].body["payload"]["payload"],
+        json!({"choices": [{"text": "hi"}]}),
+        "the JSON answer reaches post as JSON"
+    );
+    assert_eq!(
+        d.provider_output.unwrap().output,
+        json!({"choices": [{"text": "bye"}]})
+    );
+    assert_eq!(d.message.payload, "x");
+}
+
+#[tokio::test]
+async fn without_a_provider_answer_post_runs_on_the_message() {
+    let mut h = Harness::new(
+        json!([ext("z", "post", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "post": [{"id": "z"}]}),
+    )
+    .await;
+    h.serve("z", Tag("z")).await;
+    let d = h.pipeline.decide(h.request("x")).await.unwrap();
+    assert_eq!(d.message.payload, "x+z");
+    assert!(d.provider_output.is_none());
+}
+
+#[tokio::test]
+async fn a_required_post_failing_on_the_answer_fails_the_request_and_dry_run_skips_it() {
+    let h = Harness::new(
+        json!([
+            ext("prov", "provider", 1000, 0),
+            ext("bad", "post", 1000, 0)
+        ]),
+        json!({"providers": [{"name": "p", "extension": "prov"}], "post": [{"id": "bad"}]}),
+    )
+    .await;
+    let (_p, prov) = serve_recording(&h.client, &h.subject("prov"), original_provider).await;
+    let (_b, _) = serve_recording(
+        &h.client,
+        &h.subject("bad"),
+        |_| json!({"payload": {"payload": "x", "metadata": 5}}),
+    )
+    .await;
+    let e = h.pipeline.decide(h.request("x")).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::PostProcessorFailed, "{e}");
+    assert!(
+        e.message.contains("bad") && e.message.contains("payload.metadata must be an object"),
+        "names the extension and the field: {e}"
+    );
+    let mut r = h.request("x");
+    r.context.insert("dry_run".into(), json!(true));
+    let d = h.pipeline.decide(r).await.unwrap();
+    assert_eq!(
+        statuses(&d.executed_extensions),
+        vec![("prov", "skipped"), ("bad", "skipped")]
+    );
+    assert_eq!(prov.lock().unwrap().len(), 1, "dry run sent nothing");
+}
+
+#[tokio::test]
+async fn unreadable_and_error_replies_name_the_extension_and_the_field() {
+    let h = Harness::new(
+        json!([ext("prov", "provider", 1000, 0)]),
+        json!({"providers": [{"name": "p", "extension": "prov"}]}),
+    )
+    .await;
+    let (_p, _) = serve_recording(&h.client, &h.subject("prov"), |b| {
+        match b["prompt"].as_str() {
+            Some("negative") => {
+                json!({"provider_id": "p", "output": "x", "usage": {"prompt_tokens": -2}})
+            }
+            _ => json!({"provider_id": "p", "status": "error", "error_code": "rate_limited",
+                        "error_message": "slow down"}),
+        }
+    })
+    .await;
+    let e = h.pipeline.decide(h.request("negative")).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::DecisionFailed);
+    assert!(
+        e.message.contains("extension prov")
+            && e.message
+                .contains("usage.prompt_tokens must be a non-negative number"),
+        "{e}"
+    );
+    assert!(!e.message.contains("u64"), "no Rust type: {e}");
+
+    let e = h.pipeline.decide(h.request("x")).await.unwrap_err();
+    assert_eq!(
+        e.details["extension_error"],
+        json!({"code": "rate_limited", "message": "slow down"}),
+        "{e:?}"
+    );
+    assert_eq!(e.details["extension_id"], "prov");
+}
+
+#[tokio::test]
+async fn one_trace_id_per_request_generated_when_the_caller_sends_none() {
+    let h = Harness::new(
+        json!([ext("a", "pre", 1000, 0), ext("prov", "provider", 1000, 0)]),
+        json!({"providers": [{"name": "p", "extension": "prov"}], "pre": [{"id": "a"}]}),
+    )
+    .await;
+    let (_a, pre_seen) = serve_recording(&h.client, &h.subject("a"), |_| json!({})).await;
+    let (_p, prov_seen) = serve_recording(&h.client, &h.subject("prov"), original_provider).await;
+    let mut r = h.request("x");
+    r.message.trace_id.clear();
+    let d = h.pipeline.decide(r).await.unwrap();
+    let trace = d.message.trace_id.clone();
+    assert_eq!(trace.len(), 32, "generated: {trace}");
+    assert!(trace.bytes().all(|b| b.is_ascii_hexdigit()));
+    for seen in [&pre_seen, &prov_seen] {
+        let s = seen.lock().unwrap()[0].clone();
+        assert_eq!(s.headers["Beamline-Trace-Id"], trace);
+        assert_eq!(s.body["trace_id"], trace.as_str());
+        assert_eq!(s.body["payload"]["trace_id"], trace.as_str());
+        assert_eq!(s.body["metadata"]["trace_id"], trace.as_str());
+    }
+    let mut r = h.request("x");
+    r.message.trace_id.clear();
+    let again = h.pipeline.decide(r).await.unwrap().message.trace_id;
+    assert_ne!(again, trace, "a new one per request");
+}
+
+#[tokio::test]
+async fn a_reject_reads_reject_with_its_cause_and_details_stay_private() {
+    let policy = json!({"providers": [{"name": "p"}],
+                        "validators": [{"id": "guard", "on_fail": "block"}]});
+    let exts = json!([ext("guard", "validator", 1000, 0)]);
+    let reject = |_: &Value| json!({"status": "reject", "reason": "pii_detected", "details": {"match": "123-45-6789"}});
+
+    let h = Harness::new(exts.clone(), policy.clone()).await;
+    let (_g, _) = serve_recording(&h.client, &h.subject("guard"), reject).await;
+    let e = h.pipeline.decide(h.request("x")).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::ValidatorBlocked);
+    assert_eq!(e.details["cause"], "rejected");
+    assert_eq!(e.details["reason"], "pii_detected");
+    assert!(
+        !e.details.contains_key("details"),
+        "not echoed by default: {:?}",
+        e.details
+    );
+    assert_eq!(e.executed_extensions[0].status, StepStatus::Reject);
+
+    let h = Harness::custom(
+        exts.clone(),
+        policy.clone(),
+        BreakerConfig::default(),
+        Default::default(),
+        PipelineConfig {
+            expose_validator_details: true,
+            invoker: fast_invoker(),
+            ..PipelineConfig::default()
+        },
+        &beamline_test_support::nats_url(),
+    )
+    .await;
+    let (_g, _) = serve_recording(&h.client, &h.subject("guard"), reject).await;
+    let e = h.pipeline.decide(h.request("x")).await.unwrap_err();
+    assert_eq!(e.details["details"], json!({"match": "123-45-6789"}));
+
+    // Timeout, nobody listening, and an error reply: each its own cause, status error.
+    let mut h = Harness::new(
+        json!([ext("slow", "validator", 50, 0)]),
+        json!({"providers": [{"name": "p"}], "validators": [{"id": "slow"}]}),
+    )
+    .await;
+    h.serve("slow", Slow(std::time::Duration::from_millis(1000)))
+        .await;
+    let e = h.pipeline.decide(h.request("x")).await.unwrap_err();
+    assert_eq!(
+        (e.code, &e.details["cause"]),
+        (ErrorCode::ValidatorBlocked, &json!("timeout"))
+    );
+    assert_eq!(e.executed_extensions[0].status, StepStatus::Error);
+    for (id, cause) in [("gone", "unavailable"), ("err", "error")] {
+        let h2 = Harness::new(
+            json!([ext(id, "validator", 1000, 0)]),
+            json!({"providers": [{"name": "p"}], "validators": [{"id": id}]}),
+        )
+        .await;
+        let _e = if id == "err" {
+            Some(
+                serve_recording(&h2.client, &h2.subject("err"), |_| {
+                    json!({"status": "error", "error_code": "model_down", "error_message": "no model"})
+                })
+                .await,
+            )
+        } else {
+            None
+        };
+        let e = h2.pipeline.decide(h2.request("x")).await.unwrap_err();
+        assert_eq!(e.details["cause"], cause, "{id}: {e:?}");
+        assert_eq!(e.executed_extensions[0].status, StepStatus::Error);
+        if id == "err" {
+            assert_eq!(e.details["extension_error"]["code"], "model_down");
+        }
+    }
+}
+
+#[tokio::test]
+async fn json_payloads_are_limited_like_text() {
+    let h = Harness::new(json!([]), json!({"providers": [{"name": "p"}]})).await;
+    let mut deep = json!(1);
+    for _ in 0..20 {
+        deep = json!({"k": deep});
+    }
+    let mut r = h.request("");
+    r.message.payload = Payload::Json(deep);
+    let e = h.pipeline.decide(r).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidRequest);
+    assert!(e.message.contains("message.payload"), "{e}");
+}

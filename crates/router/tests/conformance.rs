@@ -1,0 +1,303 @@
+//! Conformance: extensions written as the original router's Node samples are
+//! (`tests/conformance/*.js`: nats.js v2, no queue group, no headers read, REFERENCE.md
+//! §3a), registered with the original's seed SQL, called through the real binary's two
+//! intakes (NATS `beamline.router.v1.decide` and gRPC `Router/Decide`).
+//!
+//! The case to hold: a provider echoes an SSN-like string that passed the validator,
+//! and the caller receives it masked by the post-processor.
+//!
+//! Needs Node.js and the npm packages of `tests/conformance/package-lock.json`, which
+//! `scripts/test` installs into a cache directory and passes as
+//! `BEAMLINE_CONFORMANCE_NODE_MODULES`. Without them this test fails and says how to
+//! get them.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use beamline_api::proto;
+use beamline_api::proto::router_client::RouterClient;
+use beamline_test_support::NatsServer;
+use common::*;
+use serde_json::{Value, json};
+
+/// One extension process; killed when dropped (it also exits when its stdin closes).
+struct NodeExtension {
+    child: Child,
+}
+
+impl Drop for NodeExtension {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sources() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance")
+}
+
+/// Where scripts/test installed the npm packages; a clear failure when nowhere.
+fn node_modules() -> PathBuf {
+    let dir = std::env::var_os("BEAMLINE_CONFORMANCE_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                });
+            cache.join("beamline-router/conformance/node_modules")
+        });
+    assert!(
+        dir.join("nats/package.json").is_file(),
+        "the conformance test needs the npm package nats (pinned in {}) in {}: run scripts/test, \
+         which installs it there (or: cp package.json package-lock.json into a directory, run \
+         `npm ci` in it, and set BEAMLINE_CONFORMANCE_NODE_MODULES to its node_modules)",
+        sources().join("package-lock.json").display(),
+        dir.display()
+    );
+    let node = Command::new("node").arg("--version").output();
+    assert!(
+        node.as_ref().is_ok_and(|o| o.status.success()),
+        "the conformance test needs Node.js (`node` on PATH): run scripts/test, which installs \
+         the Debian package nodejs ({node:?})"
+    );
+    dir
+}
+
+/// Starts `file` on NATS and waits (bounded) for its `ready` line.
+fn start_extension(file: &str, nats_url: &str, modules: &Path) -> NodeExtension {
+    let mut child = Command::new("node")
+        .arg(sources().join(file))
+        .env("NODE_PATH", modules)
+        .env("NATS_URL", nats_url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn node");
+    let stdout = child.stdout.take().unwrap();
+    let ext = NodeExtension { child };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) if line.starts_with("ready ") => ext,
+        other => panic!("{file} did not get ready within 30 s: {other:?}"),
+    }
+}
+
+/// The original's seed, one more post-processor written to its API document, and a
+/// policy for tenant acme that calls the provider's extension and both post steps.
+const SETUP_SQL: &str = r#"
+INSERT INTO extensions (id, type, subject, timeout_ms, retry, enabled, config, metadata) VALUES
+ ('sign_answer', 'post', 'beamline.ext.post.sign_answer.v1', 150, 0, true, '{}', '{}');
+-- Node's first calls may be slow on a busy machine: the runbook's way to raise timeouts.
+UPDATE extensions SET timeout_ms = 5000;
+INSERT INTO policies (tenant_id, policy_id, policy) VALUES
+ ('acme', 'default', '{"providers": [{"name": "test_provider", "weight": 100, "extension": "test_provider", "parameters": {"max_tokens": 512}}], "pre": [{"id": "normalize_text", "mode": "required"}], "validators": [{"id": "pii_guard", "on_fail": "block"}], "post": [{"id": "mask_pii", "mode": "required"}, {"id": "sign_answer", "mode": "required"}]}');
+"#;
+
+fn grpc_request(text: &str) -> proto::RouteRequest {
+    proto::RouteRequest {
+        message: Some(proto::Message {
+            message_id: "m-1".into(),
+            tenant_id: "acme".into(),
+            trace_id: String::new(),
+            message_type: "chat".into(),
+            payload: text.as_bytes().to_vec(),
+            metadata: Default::default(),
+            timestamp_ms: 0,
+        }),
+        policy_id: String::new(),
+        context: Default::default(),
+    }
+}
+
+fn statuses(executed: &Value) -> Vec<(String, String)> {
+    executed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_string(),
+                e["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn extensions_written_for_the_original_work_unchanged_through_both_intakes() {
+    let modules = node_modules();
+    let nats = NatsServer::start();
+    let db = migrated_database().await;
+    let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+    sqlx::raw_sql(SEED).execute(&pool).await.unwrap();
+    sqlx::raw_sql(SETUP_SQL).execute(&pool).await.unwrap();
+    let _extensions: Vec<NodeExtension> = [
+        "normalize_text.js",
+        "pii_guard.js",
+        "test_provider.js",
+        "mask_pii.js",
+        "sign_answer.js",
+    ]
+    .into_iter()
+    .map(|f| start_extension(f, &nats.url(), &modules))
+    .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start(&write_config(dir.path(), db.url(), &nats.url(), ""));
+
+    // The NATS intake, the original's JSON contract, no trace id sent.
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let ask = |body: Value| {
+        let nc = nc.clone();
+        async move {
+            let msg = tokio::time::timeout(
+                Duration::from_secs(30),
+                nc.request(
+                    "beamline.router.v1.decide",
+                    serde_json::to_vec(&body).unwrap().into(),
+                ),
+            )
+            .await
+            .expect("intake answered within 30 s")
+            .expect("intake reply");
+            serde_json::from_slice::<Value>(&msg.payload).unwrap()
+        }
+    };
+    let ok = ask(json!({"version": "1", "request_id": "r-1", "tenant_id": "acme",
+        "task": {"type": "chat", "payload": "  My SSN is   123 45 6789  "}}))
+    .await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    let decision = &ok["decision"];
+    assert_eq!(
+        statuses(&decision["executed_extensions"]),
+        pairs(&[
+            ("normalize_text", "ok"),
+            ("pii_guard", "ok"),
+            ("test_provider", "ok"),
+            ("mask_pii", "ok"),
+            ("sign_answer", "ok"),
+        ]),
+        "{ok}"
+    );
+    let output = &decision["provider_output"];
+    assert_eq!(
+        output["output"], "Mock response to: my ssn is ***-**-**** [reviewed]",
+        "the provider read the prompt after pre; its echo of the SSN reached the caller masked: {ok}"
+    );
+    assert!(!ok.to_string().contains("Mock response to: my ssn is 123"), "{ok}");
+    // Fractional usage, rounded: 21 / 4 = 5.25, 39 / 4 = 9.75, 15.
+    assert_eq!(
+        (
+            &output["prompt_tokens"],
+            &output["completion_tokens"],
+            &output["total_tokens"]
+        ),
+        (&json!(5), &json!(10), &json!(15)),
+        "{output}"
+    );
+    let trace = ok["context"]["trace_id"].as_str().expect("a trace id");
+    assert_eq!(trace.len(), 32, "generated: {trace}");
+    assert_eq!(
+        decision["metadata"]["seen_trace_id"], trace,
+        "the provider got the trace id the reply carries"
+    );
+    assert_eq!(
+        decision["metadata"]["max_tokens"], "512",
+        "parameters from the policy"
+    );
+    assert_eq!(
+        decision["message"]["payload"], "my ssn is 123 45 6789",
+        "the request after pre"
+    );
+
+    // A validator's reject reads "reject", with its cause; its details stay private.
+    let blocked = ask(json!({"version": "1", "request_id": "r-2", "tenant_id": "acme",
+        "task": {"type": "chat", "payload": "my ssn is 123-45-6789"}}))
+    .await;
+    assert_eq!(blocked["ok"], false, "{blocked}");
+    let error = &blocked["error"];
+    assert_eq!(error["code"], "validator_blocked", "{blocked}");
+    assert_eq!(error["details"]["cause"], "rejected", "{blocked}");
+    assert_eq!(error["details"]["reason"], "pii_detected", "{blocked}");
+    assert!(error["details"].get("details").is_none(), "{blocked}");
+    assert!(!blocked.to_string().contains("123-45-6789"), "{blocked}");
+    assert_eq!(
+        statuses(&error["details"]["executed_extensions"]),
+        pairs(&[("normalize_text", "ok"), ("pii_guard", "reject")])
+    );
+
+    // The provider's error shape is an extension error whose code reaches the caller.
+    let failed = ask(json!({"version": "1", "request_id": "r-3", "tenant_id": "acme",
+        "task": {"type": "chat", "payload": "please explode"}}))
+    .await;
+    assert_eq!(failed["error"]["code"], "decision_failed", "{failed}");
+    assert_eq!(
+        failed["error"]["details"]["extension_error"],
+        json!({"code": "provider_exception", "message": "the mock model exploded"}),
+        "{failed}"
+    );
+
+    // gRPC, the same request.
+    let mut client = RouterClient::connect(router.addr.clone()).await.unwrap();
+    let d = client
+        .decide(grpc_request("  My SSN is   123 45 6789  "))
+        .await
+        .expect("decide")
+        .into_inner();
+    let out = d.provider_output.expect("provider output");
+    assert_eq!(
+        out.output_json,
+        r#""Mock response to: my ssn is ***-**-**** [reviewed]""#
+    );
+    assert_eq!(
+        (out.prompt_tokens, out.completion_tokens, out.total_tokens),
+        (5, 10, 15)
+    );
+    let final_message = d.final_message.unwrap();
+    assert_eq!(final_message.trace_id.len(), 32);
+    assert_eq!(
+        d.metadata["seen_trace_id"], final_message.trace_id,
+        "one trace id: generated, sent to the extension, returned"
+    );
+    let statuses: Vec<(String, String)> = d
+        .executed_extensions
+        .iter()
+        .map(|e| (e.id.clone(), e.status.clone()))
+        .collect();
+    assert!(statuses.iter().all(|(_, s)| s == "ok"), "{statuses:?}");
+
+    let err = client
+        .decide(grpc_request("my ssn is 123-45-6789"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("validator_blocked: "),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        err.metadata()
+            .get("x-beamline-error-code")
+            .and_then(|v| v.to_str().ok()),
+        Some("validator_blocked")
+    );
+    assert!(err.metadata().get("x-beamline-trace-id").is_some());
+    drop(router);
+}

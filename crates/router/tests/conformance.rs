@@ -180,8 +180,10 @@ async fn extensions_written_for_the_original_work_unchanged_through_both_intakes
             serde_json::from_slice::<Value>(&msg.payload).unwrap()
         }
     };
-    let ok = ask(json!({"version": "1", "request_id": "r-1", "tenant_id": "acme",
-        "task": {"type": "chat", "payload": "  My SSN is   123 45 6789  "}}))
+    let ok = ask(
+        json!({"version": "1", "request_id": "r-1", "tenant_id": "acme",
+        "task": {"type": "chat", "payload": "  My SSN is   123 45 6789  "}}),
+    )
     .await;
     assert_eq!(ok["ok"], true, "{ok}");
     let decision = &ok["decision"];
@@ -201,7 +203,10 @@ async fn extensions_written_for_the_original_work_unchanged_through_both_intakes
         output["output"], "Mock response to: my ssn is ***-**-**** [reviewed]",
         "the provider read the prompt after pre; its echo of the SSN reached the caller masked: {ok}"
     );
-    assert!(!ok.to_string().contains("Mock response to: my ssn is 123"), "{ok}");
+    assert!(
+        !ok.to_string().contains("Mock response to: my ssn is 123"),
+        "{ok}"
+    );
     // Fractional usage, rounded: 21 / 4 = 5.25, 39 / 4 = 9.75, 15.
     assert_eq!(
         (
@@ -228,8 +233,10 @@ async fn extensions_written_for_the_original_work_unchanged_through_both_intakes
     );
 
     // A validator's reject reads "reject", with its cause; its details stay private.
-    let blocked = ask(json!({"version": "1", "request_id": "r-2", "tenant_id": "acme",
-        "task": {"type": "chat", "payload": "my ssn is 123-45-6789"}}))
+    let blocked = ask(
+        json!({"version": "1", "request_id": "r-2", "tenant_id": "acme",
+        "task": {"type": "chat", "payload": "my ssn is 123-45-6789"}}),
+    )
     .await;
     assert_eq!(blocked["ok"], false, "{blocked}");
     let error = &blocked["error"];
@@ -244,8 +251,10 @@ async fn extensions_written_for_the_original_work_unchanged_through_both_intakes
     );
 
     // The provider's error shape is an extension error whose code reaches the caller.
-    let failed = ask(json!({"version": "1", "request_id": "r-3", "tenant_id": "acme",
-        "task": {"type": "chat", "payload": "please explode"}}))
+    let failed = ask(
+        json!({"version": "1", "request_id": "r-3", "tenant_id": "acme",
+        "task": {"type": "chat", "payload": "please explode"}}),
+    )
     .await;
     assert_eq!(failed["error"]["code"], "decision_failed", "{failed}");
     assert_eq!(

@@ -287,7 +287,7 @@ fn decide_prints_the_decision_explains_each_step_and_exits_by_error_class() {
     assert_eq!(out.status.code(), Some(7));
     let e: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(e["error"]["code"], "validator_blocked");
-    assert_eq!(e["executed_extensions"][1]["status"], "error");
+    assert_eq!(e["executed_extensions"][1]["status"], "reject");
 
     // Not found: exit 4. Bad input: exit 2 (not UTF-8 from a file).
     let out = decide(&router, "json", &["--payload", "x", "--policy", "nope"]);

@@ -79,4 +79,7 @@ pub async fn follow_readiness(
     reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    reporter
+        .set_service_status("beamline.flow.v1.Router", ServingStatus::NotServing)
+        .await;
 }

@@ -1,5 +1,6 @@
 //! HTTP on `[http] listen`: `/metrics` (Prometheus text format 0.0.4), `/healthz`
-//! (the process is alive), `/readyz` (the registry has loaded a snapshot).
+//! (the process is alive), `/readyz` (the registry has loaded a snapshot and the
+//! router is not stopping).
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ struct AppState {
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
     auth: Option<Arc<Authenticator>>,
+    stopping: CancellationToken,
 }
 
 async fn metrics_page(State(s): State<AppState>) -> impl IntoResponse {
@@ -41,6 +43,12 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.stopping.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".to_string(),
+        );
+    }
     let status = s.pipeline.registry().status();
     if status.loaded {
         (
@@ -62,12 +70,15 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Serves until `shutdown`.
+/// Serves until `shutdown`. Once `stopping` is cancelled `/readyz` answers 503 while
+/// `/metrics` and `/healthz` keep answering, so a load balancer takes the router out
+/// at the first signal and the drain stays observable.
 pub async fn serve(
     listener: TcpListener,
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
     auth: Option<Arc<Authenticator>>,
+    stopping: CancellationToken,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -78,6 +89,7 @@ pub async fn serve(
             pipeline,
             metrics,
             auth,
+            stopping,
         });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

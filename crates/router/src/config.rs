@@ -40,6 +40,33 @@ pub struct Config {
     pub log: LogConfig,
     /// Label cardinality of the metrics.
     pub metrics: beamline_api::metrics::MetricsConfig,
+    /// The process's lifecycle (how long a stop may drain).
+    pub server: ServerConfig,
+}
+
+/// `[server]`: the stop sequence's bounds (docs/RUNBOOK.md, "Stopping a router").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// After SIGTERM/SIGINT, how long requests already accepted may take to finish
+    /// before the router stops anyway. Health persistence (at most 5 s) and the final
+    /// NATS flush (at most 1 s) come after it, so a stop ends within this plus ~7 s
+    /// whatever state NATS and PostgreSQL are in.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.drain_timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,6 +330,15 @@ impl Config {
         }
         self.admin.validate()?;
         self.grpc.tls()?;
+        if self.server.drain_timeout_ms > 3_600_000 {
+            return Err((
+                "server.drain_timeout_ms".into(),
+                format!(
+                    "{} is out of range 0..=3600000",
+                    self.server.drain_timeout_ms
+                ),
+            ));
+        }
         if self.metrics.max_tenants == 0 {
             return Err(("metrics.max_tenants".into(), "must be at least 1".into()));
         }
@@ -373,6 +409,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("BEAMLINE_HTTP_LISTEN", "http.listen"),
     ("BEAMLINE_LOG_FORMAT", "log.format"),
     ("BEAMLINE_LOG_LEVEL", "log.level"),
+    ("BEAMLINE_DRAIN_TIMEOUT_MS", "server.drain_timeout_ms"),
     (
         "BEAMLINE_ADMIN_KEY",
         "admin.api_keys (an admin key named \"env\")",
@@ -457,6 +494,11 @@ fn apply_env(
                 }
             }
             "BEAMLINE_LOG_LEVEL" => config.log.level = value.to_string(),
+            "BEAMLINE_DRAIN_TIMEOUT_MS" => {
+                config.server.drain_timeout_ms = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a whole number of ms")))?
+            }
             "BEAMLINE_ADMIN_KEY" => {
                 config.admin.api_keys.retain(|k| k.name != "env");
                 config

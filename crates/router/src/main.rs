@@ -71,6 +71,10 @@ fn main() -> ExitCode {
             command => ops::run(command).await,
         }
     });
+    // Tasks still running (a NATS reconnect loop, a query to a paused database) are
+    // dropped, and a blocking call still in flight is not waited for past this bound:
+    // the process ends when `serve` says it is done.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

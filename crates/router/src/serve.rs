@@ -1,6 +1,15 @@
 //! `beamline-router serve`: load the configuration, start the registry and its sync
 //! task, connect to NATS, build the pipeline, serve gRPC and the NATS intake, run
-//! until SIGINT or SIGTERM, stop cleanly (intake first, then in-flight work).
+//! until SIGINT or SIGTERM, then stop within bounds whatever NATS and PostgreSQL do.
+//!
+//! The stop sequence (docs/RUNBOOK.md, "Stopping a router"): at the first signal
+//! readiness turns unready and intake stops (gRPC refuses new connections, the NATS
+//! intake unsubscribes, the registry sync ends); requests already accepted get up to
+//! `[server] drain_timeout_ms` to finish; health is persisted for at most
+//! [`PERSIST_BOUND`]; NATS is flushed for at most [`FLUSH_BOUND`]; the process exits
+//! 0. Every step that waits on NATS or PostgreSQL is bounded and abandoned when its
+//! bound passes, so a dead, paused or never-reached dependency cannot keep the
+//! process alive. A second signal exits at once with 128 + the signal's number.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +17,7 @@ use anyhow::Context;
 use beamline_api::router_service::RouterService;
 use beamline_pipeline::Pipeline;
 use beamline_registry::{Registry, SourceMode};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
@@ -16,14 +26,60 @@ use crate::private_nats::{PrivateNats, first_server};
 
 /// Requests the NATS intake handles at once.
 const INTAKE_MAX_IN_FLIGHT: usize = 4096;
+/// Longest the health write at shutdown may take.
+pub const PERSIST_BOUND: Duration = Duration::from_secs(5);
+/// Longest the final NATS flush may take.
+pub const FLUSH_BOUND: Duration = Duration::from_secs(1);
+/// Longest `--demo`'s private nats-server may take to stop.
+const PRIVATE_NATS_BOUND: Duration = Duration::from_secs(1);
+/// Longest the HTTP server (metrics, probes) may take to close after the drain.
+const HTTP_CLOSE_BOUND: Duration = Duration::from_secs(1);
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Signal handlers first: a signal that arrives while we start must stop us
     // cleanly, not kill the process with the default action.
-    let signals = Signals::install()?;
+    let mut signals = Signals::install()?;
     let config = Config::load(args.config.as_deref())?;
     crate::logging::init(&config.log);
+    let started = tokio::select! {
+        r = start(args, config) => r?,
+        signal = signals.next() => {
+            // Starting waits on NATS and PostgreSQL for a few seconds at most; a stop
+            // asked for meanwhile is honoured at once (what was started is dropped
+            // with the runtime).
+            tracing::info!(signal, "stop requested while starting; exiting");
+            return Ok(());
+        }
+    };
+    started.run_until_stopped(signals).await
+}
+
+/// Everything `serve` runs, between start and stop.
+struct Running {
+    config: Config,
+    nats: async_nats::Client,
+    /// Stops intake: gRPC, the NATS intake, readiness, the registry sync.
+    shutdown: CancellationToken,
+    /// Readiness unready (set at the first signal, before anything else).
+    stopping: CancellationToken,
+    /// Stops the HTTP server (metrics, probes), last.
+    http_stop: CancellationToken,
+    /// Stops the health persister, after the drain.
+    persist_stop: CancellationToken,
+    intake: JoinHandle<Result<(), async_nats::Error>>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: JoinHandle<std::io::Result<()>>,
+    readiness: JoinHandle<()>,
+    sync: JoinHandle<()>,
+    persist: JoinHandle<()>,
+    demo: Vec<JoinHandle<()>>,
+    /// `--demo`'s own nats-server, when it started one.
+    private_nats: Option<PrivateNats>,
+}
+
+async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
+    let stopping = CancellationToken::new();
     let registry = Registry::start(config.extension_registry.clone(), config.limits.clone())
         .await
         .context("cannot start the extension registry")?;
@@ -84,15 +140,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         metrics.clone(),
     )));
 
-    let mut tasks = Vec::new();
+    let mut demo = Vec::new();
     if args.demo {
-        let demo = beamline_sdk::reference::spawn_all(nats.clone())
+        demo = beamline_sdk::reference::spawn_all(nats.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot start the demo extensions: {e}"))?;
         tracing::info!(
             "demo extensions serving: normalize_text, pii_guard, mask_pii, test_provider"
         );
-        tasks.extend(demo);
     }
 
     let listener = tokio::net::TcpListener::bind(config.grpc.listen)
@@ -101,10 +156,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_addr = listener.local_addr()?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let readiness = {
-        let registry = registry.clone();
+        let (registry, stopping) = (registry.clone(), stopping.clone());
         tokio::spawn(beamline_api::grpc::follow_readiness(
             reporter,
-            move || registry.is_loaded(),
+            move || registry.is_loaded() && !stopping.is_cancelled(),
             shutdown.clone(),
         ))
     };
@@ -134,6 +189,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             persist_stop.clone(),
         ),
     );
+    let http_stop = CancellationToken::new();
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
@@ -143,7 +199,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         pipeline.clone(),
         metrics.clone(),
         Some(auth.clone()),
-        shutdown.clone(),
+        stopping.clone(),
+        http_stop.clone(),
     ));
     // Subscribed before the start line, so the intake answers from then on (if NATS
     // is not up yet, the subscription is made when it connects).
@@ -162,7 +219,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let sub = match intake_sub {
                 Some(sub) => sub,
-                None => beamline_api::nats_intake::subscribe(&nats).await?,
+                // Made once NATS answers; a stop before that ends the wait.
+                None => tokio::select! {
+                    r = beamline_api::nats_intake::subscribe(&nats) => r?,
+                    () = shutdown.cancelled() => return Ok(()),
+                },
             };
             beamline_api::nats_intake::serve_subscription(
                 pipeline,
@@ -198,45 +259,115 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "beamline-router started"
     );
 
-    tokio::select! {
-        () = signals.wait() => {}
-        r = grpc_failed(&grpc) => anyhow::bail!("gRPC server stopped: {r}"),
+    Ok(Running {
+        config,
+        nats,
+        shutdown,
+        stopping,
+        http_stop,
+        persist_stop,
+        intake,
+        grpc,
+        http,
+        readiness,
+        sync,
+        persist,
+        demo,
+        private_nats,
+    })
+}
+
+impl Running {
+    /// Serves until the first signal, then runs the bounded stop sequence.
+    async fn run_until_stopped(mut self, mut signals: Signals) -> anyhow::Result<()> {
+        let signal = tokio::select! {
+            s = signals.next() => s,
+            r = grpc_failed(&self.grpc) => anyhow::bail!("gRPC server stopped: {r}"),
+        };
+        let stop_started = Instant::now();
+        // Unready first, so a load balancer stops sending before intake closes.
+        self.stopping.cancel();
+        tokio::spawn(exit_on_second_signal(signals));
+        let drain_timeout = self.config.server.drain_timeout();
+        tracing::info!(
+            signal,
+            drain_timeout_ms = self.config.server.drain_timeout_ms,
+            "shutdown requested; readiness unready, intake stopped, draining in-flight requests"
+        );
+        self.shutdown.cancel();
+        // The sync is not in-flight work, and a reload can wait on a paused database:
+        // it ends now.
+        self.sync.abort();
+        let drain = async {
+            let _ = (&mut self.intake).await;
+            let _ = (&mut self.grpc).await;
+        };
+        if tokio::time::timeout(drain_timeout, drain).await.is_err() {
+            tracing::warn!(
+                drain_timeout_ms = self.config.server.drain_timeout_ms,
+                "in-flight requests did not finish within the drain timeout; stopping anyway"
+            );
+        }
+        self.intake.abort();
+        self.grpc.abort();
+        self.readiness.abort();
+
+        // Health last, after the final requests were answered.
+        self.persist_stop.cancel();
+        if tokio::time::timeout(PERSIST_BOUND, &mut self.persist)
+            .await
+            .is_err()
+        {
+            self.persist.abort();
+            tracing::warn!(
+                bound_ms = PERSIST_BOUND.as_millis() as u64,
+                "extension_health was not written at shutdown within its bound (database unreachable?); stopping anyway"
+            );
+        }
+        for task in &self.demo {
+            task.abort();
+        }
+        match tokio::time::timeout(FLUSH_BOUND, self.nats.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "final NATS flush failed"),
+            Err(_) => tracing::warn!(
+                bound_ms = FLUSH_BOUND.as_millis() as u64,
+                "final NATS flush did not finish within its bound (NATS unreachable?); stopping anyway"
+            ),
+        }
+        if let Some(p) = self.private_nats.take() {
+            // Dropped at the bound, which kills it.
+            let _ = tokio::time::timeout(PRIVATE_NATS_BOUND, p.stop()).await;
+            tracing::info!("private nats-server stopped");
+        }
+        self.http_stop.cancel();
+        if tokio::time::timeout(HTTP_CLOSE_BOUND, &mut self.http)
+            .await
+            .is_err()
+        {
+            self.http.abort();
+        }
+        tracing::info!(
+            stop_ms = stop_started.elapsed().as_millis() as u64,
+            "beamline-router stopped"
+        );
+        Ok(())
     }
-    tracing::info!("shutdown requested; stopping intake and draining in-flight requests");
-    shutdown.cancel();
-    let drain = async {
-        let _ = intake.await;
-        let _ = grpc.await;
-        let _ = http.await;
-        let _ = readiness.await;
-        let _ = sync.await;
+}
+
+/// A second SIGTERM/SIGINT while stopping: the operator wants out now.
+async fn exit_on_second_signal(mut signals: Signals) {
+    let signal = signals.next().await;
+    let code = match signal {
+        "SIGINT" => 130,
+        _ => 143,
     };
-    if tokio::time::timeout(Duration::from_secs(30), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight work did not finish within 30 s; stopping anyway");
-    }
-    // Last: persist health after the final requests were answered.
-    persist_stop.cancel();
-    if tokio::time::timeout(Duration::from_secs(10), persist)
-        .await
-        .is_err()
-    {
-        tracing::warn!("extension_health was not written at shutdown within 10 s");
-    }
-    for t in tasks {
-        t.abort();
-    }
-    if let Err(e) = nats.flush().await {
-        tracing::debug!(error = %e, "final NATS flush failed");
-    }
-    if let Some(p) = private_nats {
-        p.stop().await;
-        tracing::info!("private nats-server stopped");
-    }
-    tracing::info!("beamline-router stopped");
-    Ok(())
+    tracing::warn!(
+        signal,
+        code,
+        "second signal while stopping; exiting at once"
+    );
+    std::process::exit(code);
 }
 
 /// For `--demo`: a private nats-server when nothing answers at the configured URL.
@@ -341,10 +472,11 @@ impl Signals {
         })
     }
 
-    async fn wait(mut self) {
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
     }
 }

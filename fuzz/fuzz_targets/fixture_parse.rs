@@ -5,11 +5,12 @@
 //! lossy reader would). Optionally a 0xff byte and then a policy document: it is
 //! added to the dataset as tenant `fuzz`, policy `p`, so policy validation against
 //! the fuzzed extensions (references, types, per-tenant limits) runs too.
-//! Must never panic; errors are fine.
+//! Must never panic; errors are fine (a bad record is quarantined, the rest loads).
 #![no_main]
 
 use beamline_model::{ExtensionType, Limits};
 use beamline_registry::dataset::{PolicyRecord, Sourced};
+use beamline_registry::quarantine::Table;
 use beamline_registry::{ActiveSource, Origin, Snapshot};
 use libfuzzer_sys::fuzz_target;
 
@@ -36,17 +37,21 @@ fuzz_target!(|data: &[u8]| {
             },
         });
     }
-    let extensions = dataset.extensions.len();
+    let extensions = dataset.extensions.len() + dataset.rejected.len();
     let limits = Limits::default();
-    let Ok(snapshot) = Snapshot::build(dataset, &limits, ActiveSource::Fixtures, 1) else {
-        return;
-    };
-    // The read API the pipeline uses on every request.
+    let snapshot = Snapshot::build(dataset, &limits, ActiveSource::Fixtures, 1);
+    // Every extension record read is either served or quarantined, never both.
+    let quarantined = snapshot
+        .quarantine
+        .iter()
+        .filter(|q| q.table == Table::Extensions)
+        .count();
     assert_eq!(
-        snapshot.size(),
+        snapshot.size() + quarantined,
         extensions,
         "a built snapshot lost or invented an extension"
     );
+    // The read API the pipeline uses on every request.
     let contexts: [&[(&str, &str)]; 3] = [
         &[],
         &[("tenant_id", "fuzz"), ("region", "eu")],

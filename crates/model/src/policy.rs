@@ -22,7 +22,7 @@ pub const DEFAULT_POLICY_ID: &str = "default";
 
 /// A policy document as written in a file or the `policies.policy` column.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a policy object")]
 pub struct PolicyDocument {
     /// Must equal the file's (or row's) tenant when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,7 +56,10 @@ pub struct PolicyDocument {
 
 /// Per-policy circuit breaker overrides; every field is optional.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object of circuit breaker settings"
+)]
 pub struct BreakerOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
@@ -111,7 +114,7 @@ fn default_policy_version() -> String {
 
 /// A provider the policy may route to.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with \"name\"")]
 pub struct ProviderSpec {
     pub name: String,
     #[serde(default = "default_weight")]
@@ -131,7 +134,7 @@ fn default_weight() -> u32 {
 
 /// How a pre or post step's failure affects the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", expecting = "\"required\" or \"optional\"")]
 pub enum Mode {
     /// Failure fails the request.
     Required,
@@ -141,7 +144,10 @@ pub enum Mode {
 
 /// What a validator's rejection does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(
+    rename_all = "lowercase",
+    expecting = "\"block\", \"warn\" or \"ignore\""
+)]
 pub enum OnFail {
     Block,
     Warn,
@@ -150,7 +156,7 @@ pub enum OnFail {
 
 /// A pre or post step.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with \"id\"")]
 pub struct StepSpec {
     pub id: String,
     #[serde(default = "default_mode")]
@@ -167,7 +173,7 @@ fn default_mode() -> Mode {
 
 /// A validator step.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with \"id\"")]
 pub struct ValidatorSpec {
     pub id: String,
     #[serde(default = "default_on_fail")]
@@ -185,7 +191,7 @@ fn default_on_fail() -> OnFail {
 /// A provider fallback: when the chosen provider fails with a matching status,
 /// retry, then go `to` another provider.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with \"to\"")]
 pub struct FallbackSpec {
     #[serde(default)]
     pub when: Option<Value>,
@@ -242,7 +248,7 @@ impl Policy {
                 ),
             ));
         }
-        serde_json::from_value(value).map_err(|e| ValidationError::new("", e.to_string()))
+        serde_path_to_error::deserialize(value).map_err(ValidationError::from_serde)
     }
 
     /// Validates a document for (tenant, policy id).
@@ -654,6 +660,41 @@ mod tests {
     fn policy(v: Value) -> Result<Policy, ValidationError> {
         let doc = Policy::parse_document(v)?;
         Policy::from_document("acme", "default", true, doc, &Limits::default())
+    }
+
+    /// The original's shape (providers as strings) is refused with the field path and
+    /// in JSON words, never a Rust type name.
+    #[test]
+    fn document_errors_name_the_field_path_in_json_words() {
+        for (doc, field, needle) in [
+            (
+                json!({"providers": ["openai"]}),
+                "providers[0]",
+                "expected an object with \"name\", found the string \"openai\"",
+            ),
+            (
+                json!({"pre": [{"id": "n", "mode": 3}]}),
+                "pre[0].mode",
+                "expected a string, found the number 3",
+            ),
+            (
+                json!({"providers": [{"name": "a", "weight": -1}]}),
+                "providers[0].weight",
+                "expected a non-negative whole number, found the number -1",
+            ),
+            (
+                json!({"pre": {"id": "n"}}),
+                "pre",
+                "expected an array, found an object",
+            ),
+        ] {
+            let e = Policy::parse_document(doc).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.reason.contains(needle), "{e}");
+            for rust in ["struct", "Spec", "u32", "sequence", "enum"] {
+                assert!(!e.reason.contains(rust), "{e}");
+            }
+        }
     }
 
     fn sample() -> Value {

@@ -396,8 +396,7 @@ async fn reload(quick: bool, sizes: Option<Vec<usize>>, out: &Path) -> Result<()
                 .map_err(|e| e.to_string())?;
             read.push(t.elapsed());
             let t = Instant::now();
-            let s = Snapshot::build(data, &Limits::default(), ActiveSource::Database, 9)
-                .map_err(|e| e.to_string())?;
+            let s = Snapshot::build(data, &Limits::default(), ActiveSource::Database, 9);
             build.push(t.elapsed());
             drop(s);
         }
@@ -450,10 +449,12 @@ fn lookup(quick: bool, sizes: Option<Vec<usize>>, out: &Path) {
     .unwrap();
     let batches = if quick { 300 } else { 3_000 };
     for n in sizes.unwrap_or_else(|| SIZES.to_vec()) {
-        let snapshot = arc_swap::ArcSwap::from_pointee(
-            Snapshot::build(dataset(n), &Limits::default(), ActiveSource::Database, 1)
-                .expect("snapshot"),
-        );
+        let snapshot = arc_swap::ArcSwap::from_pointee(Snapshot::build(
+            dataset(n),
+            &Limits::default(),
+            ActiveSource::Database,
+            1,
+        ));
         // A fixed pseudo-random order over all ids, so large registries miss the cache
         // the way real traffic over many extensions would.
         let keys: Vec<String> = (0..n).map(|i| ext_id((i * 7919) % n)).collect();

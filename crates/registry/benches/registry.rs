@@ -91,8 +91,7 @@ fn dataset() -> Dataset {
 
 fn lookups(c: &mut Criterion) {
     beamline_test_support::bench::tune_allocator_like_the_binary();
-    let snapshot =
-        Snapshot::build(dataset(), &Limits::default(), ActiveSource::Fixtures, 1).unwrap();
+    let snapshot = Snapshot::build(dataset(), &Limits::default(), ActiveSource::Fixtures, 1);
     let ids: Vec<String> = (0..N)
         .map(|i| format!("ext_{:05}", (i * 7919) % N))
         .collect();
@@ -217,7 +216,7 @@ fn reloads(c: &mut Criterion) {
     g.bench_function("validate_and_build_only", |b| {
         b.iter_batched(
             dataset,
-            |d| Snapshot::build(d, &Limits::default(), ActiveSource::Database, 2).unwrap(),
+            |d| Snapshot::build(d, &Limits::default(), ActiveSource::Database, 2),
             criterion::BatchSize::LargeInput,
         )
     });

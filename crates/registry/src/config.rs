@@ -209,6 +209,23 @@ impl RegistryConfig {
         Ok(options.application_name("beamline-router"))
     }
 
+    /// The configuration as it is used, for status and logs: with `database_url` set,
+    /// the `db_*` fields show what the URL says (host, port, database, user) rather
+    /// than their unused defaults; secrets stay redacted.
+    pub fn as_used(&self) -> RegistryConfig {
+        let mut shown = self.clone();
+        if let Some(url) = &self.database_url
+            && let Ok(o) = url.expose().parse::<PgConnectOptions>()
+        {
+            shown.db_host = o.get_host().to_string();
+            shown.db_port = o.get_port();
+            shown.db_name = o.get_database().unwrap_or_default().to_string();
+            shown.db_user = o.get_username().to_string();
+            shown.db_password = None;
+        }
+        shown
+    }
+
     /// Where the database is, for status and logs, without any password.
     pub fn database_display(&self) -> String {
         match &self.database_url {
@@ -283,6 +300,29 @@ mod tests {
         ] {
             assert!(c.validate().is_err(), "{c:?}");
         }
+    }
+
+    #[test]
+    fn the_database_shown_is_the_one_database_url_names() {
+        let c = RegistryConfig {
+            database_url: Some(SecretUrl::new(
+                "postgres://ops:hunter2@db.internal:6432/registry_prod",
+            )),
+            ..Default::default()
+        };
+        let shown = c.as_used();
+        assert_eq!(
+            (
+                shown.db_host.as_str(),
+                shown.db_port,
+                shown.db_name.as_str()
+            ),
+            ("db.internal", 6432, "registry_prod")
+        );
+        assert_eq!(shown.db_user, "ops");
+        let text = serde_json::to_string(&shown).unwrap() + &c.database_display();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(c.database_display().contains("registry_prod"));
     }
 
     #[test]

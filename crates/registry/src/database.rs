@@ -243,6 +243,7 @@ async fn read(
         versions: Vec::with_capacity(versions.len()),
         instances: Vec::with_capacity(instances.len()),
         policies: Vec::with_capacity(policies.len()),
+        rejected: Vec::new(),
     };
     for (id, ext_type, subject, timeout_ms, retry, enabled, version, config, metadata) in extensions
     {

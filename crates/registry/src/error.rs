@@ -8,7 +8,8 @@ use beamline_model::ValidationError;
 /// Where a record came from, so an error can send the operator straight to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    /// A fixture file, and the item inside it when the file holds an array.
+    /// A fixture file, and where inside it the record is, as a field path (`[2]`,
+    /// `[2].versions[0]`, `instances[1]`).
     File { path: PathBuf, item: Option<String> },
     /// A fixture built into the binary.
     Builtin { name: String, item: Option<String> },
@@ -25,14 +26,14 @@ impl fmt::Display for Origin {
             Origin::File { path, item } => {
                 write!(f, "file {}", path.display())?;
                 if let Some(item) = item {
-                    write!(f, ", {item}")?;
+                    write!(f, " at {item}")?;
                 }
                 Ok(())
             }
             Origin::Builtin { name, item } => {
                 write!(f, "built-in fixture {name}")?;
                 if let Some(item) = item {
-                    write!(f, ", {item}")?;
+                    write!(f, " at {item}")?;
                 }
                 Ok(())
             }
@@ -40,7 +41,7 @@ impl fmt::Display for Origin {
             Origin::Request { name, item } => {
                 write!(f, "{name}")?;
                 if let Some(item) = item {
-                    write!(f, ", {item}")?;
+                    write!(f, " at {item}")?;
                 }
                 Ok(())
             }

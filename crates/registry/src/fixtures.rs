@@ -4,6 +4,11 @@
 //! `versions` and `instances` arrays, whose omitted fields default to the record's own
 //! (a version without `subject` uses the base subject). Files are read in name order so
 //! that errors and duplicates are reported the same way every time.
+//!
+//! A file or item that cannot be read as records (not JSON, not UTF-8, too large, not
+//! the shape of an extension) does not fail the read: it comes back in
+//! [`Dataset::rejected`], and the snapshot quarantines it while every other file
+//! applies. Only a folder that cannot be listed fails the whole read.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +18,11 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::dataset::{Dataset, PolicyRecord, Sourced};
+use beamline_model::ValidationError;
+
+use crate::dataset::{Dataset, PolicyRecord, Rejected, Sourced};
 use crate::error::{Origin, RegistryError};
+use crate::quarantine::Table;
 
 /// Largest fixture file read, so a stray huge file cannot exhaust memory.
 pub const MAX_FIXTURE_FILE_BYTES: u64 = 8 * 1024 * 1024;
@@ -48,7 +56,7 @@ pub const BUILTIN_POLICIES: &[(&str, &str, &str)] = &[(
 )];
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an extension object")]
 struct FixtureExtension {
     id: String,
     #[serde(rename = "type")]
@@ -67,7 +75,7 @@ struct FixtureExtension {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a version object with \"version\"")]
 struct FixtureVersion {
     version: String,
     subject: Option<String>,
@@ -81,7 +89,10 @@ struct FixtureVersion {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an instance object with \"instance_id\""
+)]
 struct FixtureInstance {
     instance_id: String,
     subject: Option<String>,
@@ -94,11 +105,19 @@ struct FixtureInstance {
 pub fn load_dir(dir: &Path, policies_dir: Option<&Path>) -> Result<Dataset, RegistryError> {
     let mut data = Dataset::default();
     for path in json_files(dir)? {
-        let text = read_file(&path)?;
-        parse_extension_file(&text, &mut data, |item| Origin::File {
+        let origin = |item| Origin::File {
             path: path.clone(),
             item,
-        })?;
+        };
+        match read_file(&path) {
+            Ok(text) => parse_extension_file(&text, &mut data, origin),
+            Err(error) => data.rejected.push(Rejected {
+                origin: origin(None),
+                table: Table::Extensions,
+                key: None,
+                error,
+            }),
+        }
     }
     if let Some(pdir) = policies_dir {
         load_policies(pdir, &mut data)?;
@@ -113,19 +132,27 @@ pub fn parse_str(name: &str, text: &str) -> Result<Dataset, RegistryError> {
     parse_extension_file(text, &mut data, |item| Origin::Builtin {
         name: name.to_string(),
         item,
-    })?;
+    });
     Ok(data)
 }
 
 /// Parses extension records sent to the admin API (`ext add`), in the fixture file
-/// format; errors name `source_name` and the item.
+/// format; errors name `source_name` and the item. A request is all or nothing: the
+/// first item that cannot be read refuses it (nothing is quarantined here).
 pub fn parse_request(source_name: &str, text: &str) -> Result<Dataset, RegistryError> {
     let mut data = Dataset::default();
     parse_extension_file(text, &mut data, |item| Origin::Request {
         name: source_name.to_string(),
         item,
-    })?;
-    Ok(data)
+    });
+    if data.rejected.is_empty() {
+        return Ok(data);
+    }
+    let first = data.rejected.swap_remove(0);
+    Err(RegistryError::Invalid {
+        origin: first.origin,
+        error: first.error,
+    })
 }
 
 /// The fixtures compiled into the binary.
@@ -135,7 +162,7 @@ pub fn load_builtin(with_policies: bool) -> Result<Dataset, RegistryError> {
         parse_extension_file(text, &mut data, |item| Origin::Builtin {
             name: (*name).to_string(),
             item,
-        })?;
+        });
     }
     if with_policies {
         for (tenant, policy, text) in BUILTIN_POLICIES {
@@ -143,7 +170,10 @@ pub fn load_builtin(with_policies: bool) -> Result<Dataset, RegistryError> {
                 name: format!("policies/{tenant}/{policy}.json"),
                 item: None,
             };
-            let document = parse_json(text, &origin)?;
+            let document = parse_json(text).map_err(|error| RegistryError::Invalid {
+                origin: origin.clone(),
+                error,
+            })?;
             data.policies.push(Sourced {
                 origin,
                 value: PolicyRecord {
@@ -185,84 +215,73 @@ fn json_files(dir: &Path) -> Result<Vec<PathBuf>, RegistryError> {
     Ok(files)
 }
 
-fn read_file(path: &Path) -> Result<String, RegistryError> {
-    let meta = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
+/// The text of one fixture file; what is wrong with it otherwise.
+fn read_file(path: &Path) -> Result<String, ValidationError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ValidationError::new("", format!("cannot read the file: {e}")))?;
     if meta.len() > MAX_FIXTURE_FILE_BYTES {
-        return Err(RegistryError::Malformed {
-            origin: Origin::File {
-                path: path.to_path_buf(),
-                item: None,
-            },
-            message: format!(
+        return Err(ValidationError::new(
+            "",
+            format!(
                 "file is {} bytes, larger than the {MAX_FIXTURE_FILE_BYTES}-byte limit",
                 meta.len()
             ),
-        });
+        ));
     }
-    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
-    String::from_utf8(bytes).map_err(|e| RegistryError::Malformed {
-        origin: Origin::File {
-            path: path.to_path_buf(),
-            item: None,
-        },
-        message: format!(
-            "not UTF-8 text (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        ),
+    let bytes = std::fs::read(path)
+        .map_err(|e| ValidationError::new("", format!("cannot read the file: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        ValidationError::new(
+            "",
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
     })
 }
 
-fn parse_json(text: &str, origin: &Origin) -> Result<Value, RegistryError> {
-    serde_json::from_str(text).map_err(|e| RegistryError::Malformed {
-        origin: origin.clone(),
-        message: format!("invalid JSON: {e}"),
-    })
+fn parse_json(text: &str) -> Result<Value, ValidationError> {
+    serde_json::from_str(text).map_err(|e| ValidationError::new("", format!("invalid JSON: {e}")))
 }
 
-fn parse_extension_file(
-    text: &str,
-    data: &mut Dataset,
-    origin: impl Fn(Option<String>) -> Origin,
-) -> Result<(), RegistryError> {
-    let value = parse_json(text, &origin(None))?;
+/// Reads the records of one extension file into `data`; what cannot be read goes to
+/// `data.rejected`. Items of an array are labelled by their place (`[2]`), so field
+/// paths read as paths in the file.
+fn parse_extension_file(text: &str, data: &mut Dataset, origin: impl Fn(Option<String>) -> Origin) {
+    let reject = |data: &mut Dataset, item: Option<String>, key: Option<String>, error| {
+        data.rejected.push(Rejected {
+            origin: origin(item),
+            table: Table::Extensions,
+            key,
+            error,
+        })
+    };
+    let value = match parse_json(text) {
+        Ok(v) => v,
+        Err(e) => return reject(data, None, None, e),
+    };
     let (items, is_array) = match value {
         Value::Array(items) => (items, true),
         v @ Value::Object(_) => (vec![v], false),
         other => {
-            return Err(RegistryError::Malformed {
-                origin: origin(None),
-                message: format!(
+            let e = ValidationError::new(
+                "",
+                format!(
                     "expected an extension object or an array of them, found {}",
                     beamline_model::limits::json_kind(&other)
                 ),
-            });
+            );
+            return reject(data, None, None, e);
         }
     };
     for (index, item) in items.into_iter().enumerate() {
         let id_hint = item.get("id").and_then(Value::as_str).map(str::to_string);
-        let label = match (is_array, &id_hint) {
-            (true, Some(id)) => Some(format!("item [{index}] (extension '{id}')")),
-            (true, None) => Some(format!("item [{index}]")),
-            (false, Some(id)) => Some(format!("extension '{id}'")),
-            (false, None) => None,
-        };
-        let at = origin(label);
-        let fixture: FixtureExtension =
-            serde_path_to_error::deserialize(item).map_err(|e| RegistryError::Malformed {
-                message: describe_serde_error(&e),
-                origin: at.clone(),
-            })?;
-        push_extension(fixture, &at, data);
-    }
-    Ok(())
-}
-
-fn describe_serde_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
-    let path = e.path().to_string();
-    if path == "." || path.is_empty() {
-        e.inner().to_string()
-    } else {
-        format!("field `{path}`: {}", e.inner())
+        let label = is_array.then(|| format!("[{index}]"));
+        match serde_path_to_error::deserialize::<_, FixtureExtension>(item) {
+            Ok(fixture) => push_extension(fixture, &origin(label), data),
+            Err(e) => reject(data, label, id_hint, ValidationError::from_serde(e)),
+        }
     }
 }
 
@@ -320,7 +339,7 @@ fn push_extension(f: FixtureExtension, origin: &Origin, data: &mut Dataset) {
 
 fn nested(origin: &Origin, inner: &str) -> Origin {
     let join = |item: &Option<String>| match item {
-        Some(i) => Some(format!("{i}, {inner}")),
+        Some(i) => Some(format!("{i}.{inner}")),
         None => Some(inner.to_string()),
     };
     match origin {
@@ -358,9 +377,14 @@ pub fn load_policies(dir: &Path, data: &mut Dataset) -> Result<(), RegistryError
         if path.is_dir() {
             tenants.push(path);
         } else {
-            return Err(RegistryError::Malformed {
+            data.rejected.push(Rejected {
                 origin: Origin::File { path, item: None },
-                message: "policies must be stored as <tenant>/<policy>.json; this file is not in a tenant folder".into(),
+                table: Table::Policies,
+                key: None,
+                error: ValidationError::new(
+                    "",
+                    "policies must be stored as <tenant>/<policy>.json; this file is not in a tenant folder",
+                ),
             });
         }
     }
@@ -380,13 +404,29 @@ pub fn load_policies(dir: &Path, data: &mut Dataset) -> Result<(), RegistryError
                 path: path.clone(),
                 item: None,
             };
-            let text = read_file(&path)?;
-            let document = parse_json(&text, &origin)?;
+            let document = match read_file(&path).and_then(|text| parse_json(&text)) {
+                Ok(d) => d,
+                Err(error) => {
+                    data.rejected.push(Rejected {
+                        origin,
+                        table: Table::Policies,
+                        key: Some(format!("{tenant}/{policy_id}")),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if let Some(prev) = seen.insert((tenant.clone(), policy_id.clone()), path.clone()) {
-                return Err(RegistryError::Malformed {
+                data.rejected.push(Rejected {
                     origin,
-                    message: format!("policy also defined in {}", prev.display()),
+                    table: Table::Policies,
+                    key: None,
+                    error: ValidationError::new(
+                        "",
+                        format!("policy also defined in {}", prev.display()),
+                    ),
                 });
+                continue;
             }
             data.policies.push(Sourced {
                 origin,

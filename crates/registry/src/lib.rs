@@ -23,6 +23,7 @@ pub mod dataset;
 pub mod error;
 pub mod fixtures;
 pub mod health_store;
+pub mod quarantine;
 pub mod registry;
 pub mod snapshot;
 pub mod writes;

@@ -8,8 +8,10 @@
 //!
 //! Readers call [`Registry::snapshot`] (one atomic load, never a lock, never a wait for
 //! a reload). Writers — reloads from any trigger — are serialised by one async mutex;
-//! each builds a whole new snapshot off to the side and swaps it in only if it
-//! validated, so a failed reload changes nothing but the error counters.
+//! each builds a whole new snapshot off to the side and swaps it in. A record that
+//! fails validation is quarantined on its own (held at its last good version) and
+//! does not fail the reload; a reload fails only when the source cannot be read, and
+//! then changes nothing but the error counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -29,6 +31,7 @@ use crate::database;
 use crate::dataset::Dataset;
 use crate::error::{ErrorKind, RegistryError};
 use crate::fixtures;
+use crate::quarantine::Quarantined;
 use crate::snapshot::{ActiveSource, Counts, Snapshot};
 
 /// Why a reload ran; shows in the `Extension Registry synced` log line.
@@ -103,8 +106,16 @@ pub struct RegistryStatus {
     pub last_sync_at: Option<DateTime<Utc>>,
     pub last_sync_trigger: Option<Trigger>,
     pub last_sync_duration_ms: Option<f64>,
+    /// Why the last sync failed, while the failure stands (a later successful sync
+    /// clears it into `resolved_error`).
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
+    /// The last failure that a later successful sync resolved.
+    pub resolved_error: Option<ResolvedError>,
+    /// Records held out of the snapshot because they failed validation (table, key,
+    /// field path, reason, since); the snapshot serves their last good version or
+    /// nothing.
+    pub quarantined: Vec<Quarantined>,
     pub sync_success_total: u64,
     pub sync_error_total: u64,
     pub listening: bool,
@@ -114,6 +125,14 @@ pub struct RegistryStatus {
     pub config: RegistryConfig,
 }
 
+/// A sync failure and the later sync that ended it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolvedError {
+    pub error: String,
+    pub at: Option<DateTime<Utc>>,
+    pub resolved_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Default)]
 struct SyncState {
     last_sync_at: Option<DateTime<Utc>>,
@@ -121,6 +140,7 @@ struct SyncState {
     last_sync_duration_ms: Option<f64>,
     last_error: Option<String>,
     last_error_at: Option<DateTime<Utc>>,
+    resolved_error: Option<ResolvedError>,
 }
 
 struct Settings {
@@ -315,6 +335,14 @@ impl Registry {
         st.last_sync_at = Some(at);
         st.last_sync_trigger = Some(trigger);
         st.last_sync_duration_ms = Some(duration_ms);
+        if let Some(error) = st.last_error.take() {
+            tracing::info!(resolved = %error, "Extension Registry sync succeeded again; the last error is resolved");
+            st.resolved_error = Some(ResolvedError {
+                error,
+                at: st.last_error_at.take(),
+                resolved_at: at,
+            });
+        }
     }
 
     fn report_of(&self, snapshot: &Snapshot, changed_keys: Option<usize>) -> ReloadReport {
@@ -337,10 +365,12 @@ impl Registry {
         };
         let result = self.read_source(&config, pool.as_ref()).await;
         let current = self.inner.snapshot.load_full();
-        let built = result.and_then(|(data, source, fallback_reason)| {
+        let built = result.map(|(data, source, fallback_reason)| {
             let generation = self.inner.generation.load(Ordering::Relaxed) + 1;
-            Snapshot::rebuild(data, &limits, source, generation, &current)
-                .map(|s| (s, fallback_reason))
+            (
+                Snapshot::rebuild(data, &limits, source, generation, &current),
+                fallback_reason,
+            )
         });
         self.finish(trigger, &config, started, built, None)
     }
@@ -377,7 +407,8 @@ impl Registry {
                 self.inner
                     .generation
                     .store(snapshot.generation, Ordering::Relaxed);
-                self.inner.snapshot.store(Arc::new(snapshot));
+                let replaced = self.inner.snapshot.swap(Arc::new(snapshot));
+                log_quarantine_changes(&replaced, &self.inner.snapshot.load());
                 self.record_success(trigger, now, report.duration_ms);
                 tracing::info!(
                     source = report.source.as_str(),
@@ -586,12 +617,14 @@ impl Registry {
             last_sync_duration_ms: st.last_sync_duration_ms,
             last_error: st.last_error.clone(),
             last_error_at: st.last_error_at,
+            resolved_error: st.resolved_error.clone(),
+            quarantined: snap.quarantine.clone(),
             sync_success_total: self.inner.sync_success.load(Ordering::Relaxed),
             sync_error_total: self.inner.sync_error.load(Ordering::Relaxed),
             listening: self.inner.listening.load(Ordering::Relaxed),
             warnings: snap.warnings.clone(),
             sync_interval_seconds: s.config.sync_interval_seconds,
-            config: s.config.clone(),
+            config: s.config.as_used(),
         }
     }
 
@@ -695,6 +728,40 @@ impl Registry {
             }
         }
         self.inner.listening.store(false, Ordering::Relaxed);
+    }
+}
+
+/// One line per record that entered quarantine (an error: someone must fix it) and
+/// per record that left it (fixed, or deleted).
+fn log_quarantine_changes(before: &Snapshot, after: &Snapshot) {
+    let key = |q: &Quarantined| (q.table, q.key.clone(), q.error.clone());
+    let old: std::collections::HashSet<_> = before.quarantine.iter().map(key).collect();
+    let new: std::collections::HashSet<_> = after.quarantine.iter().map(key).collect();
+    for q in &after.quarantine {
+        if !old.contains(&key(q)) {
+            tracing::error!(
+                table = q.table.as_str(),
+                key = %q.key,
+                field = %q.field,
+                serving = ?q.serving,
+                error = %q.error,
+                "Extension Registry: record quarantined; it keeps its last good version (or stays absent) until fixed"
+            );
+        }
+    }
+    let still: std::collections::HashSet<_> = after
+        .quarantine
+        .iter()
+        .map(|q| (q.table, q.key.clone()))
+        .collect();
+    for q in &before.quarantine {
+        if !new.contains(&key(q)) && !still.contains(&(q.table, q.key.clone())) {
+            tracing::info!(
+                table = q.table.as_str(),
+                key = %q.key,
+                "Extension Registry: record left quarantine"
+            );
+        }
     }
 }
 

@@ -17,79 +17,130 @@ async fn seeded() -> (TestDatabase, sqlx::PgPool) {
     (db, pool)
 }
 
-/// Rows that pass the database's CHECKs but not our validation refuse the reload,
-/// naming table, row and field; the previous snapshot keeps serving.
+/// A row that passes the database's CHECKs but not our validation is quarantined on
+/// its own — named by table, key and field path, held at its last good version (or
+/// absent) — while a change to another row in the same reload applies; fixed, it
+/// leaves quarantine.
 #[tokio::test]
-async fn a_bad_row_refuses_the_reload_and_keeps_the_snapshot() {
+async fn a_bad_row_is_quarantined_and_every_other_change_applies() {
     let (db, pool) = seeded().await;
+    sqlx::query("INSERT INTO extensions (id, type, subject, timeout_ms) VALUES ('other', 'post', 'o.p', 100)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let registry = start(db_config(db.url(), SourceMode::Database)).await;
     let good = registry.snapshot();
-    assert_eq!(good.size(), 4);
+    assert_eq!(good.size(), 5);
 
-    let cases: &[(&'static str, &'static str, &[&str])] = &[
+    // (break, fix, needles in the message, the key's table and key, what serves)
+    #[allow(clippy::type_complexity)]
+    let cases: &[(&'static str, &'static str, &[&str], (&str, &str), &str)] = &[
         (
             "UPDATE extensions SET timeout_ms = 20000 WHERE id = 'normalize_text'",
             "UPDATE extensions SET timeout_ms = 100 WHERE id = 'normalize_text'",
-            &[
-                "table extensions",
-                "id='normalize_text'",
-                "timeout_ms",
-                "20000",
-            ],
+            &["extensions[normalize_text].timeout_ms: ", "20000"],
+            ("extensions", "normalize_text"),
+            "last_good",
         ),
         (
             "UPDATE extensions SET subject = 'beamline.ext.*' WHERE id = 'mask_pii'",
             "UPDATE extensions SET subject = 'beamline.ext.post.mask_pii.v1' WHERE id = 'mask_pii'",
-            &["table extensions", "id='mask_pii'", "subject", "wildcard"],
+            &["extensions[mask_pii].subject: ", "wildcard"],
+            ("extensions", "mask_pii"),
+            "last_good",
         ),
         (
             "INSERT INTO extension_versions (id, version, subject, timeout_ms, retry, routing_rules) \
              VALUES ('normalize_text', 'v2', 'a.b', 100, 0, '{\"tenant_id\": 5}')",
             "DELETE FROM extension_versions",
-            &[
-                "table extension_versions",
-                "(id='normalize_text', version='v2')",
-                "routing_rules.tenant_id",
-            ],
+            &["extension_versions[normalize_text/v2].routing_rules.tenant_id: "],
+            ("extension_versions", "normalize_text/v2"),
+            "absent",
         ),
         (
             "INSERT INTO extension_instances (extension_id, instance_id, subject) VALUES ('pii_guard', 'bad id', 'a.b')",
             "DELETE FROM extension_instances",
-            &["table extension_instances", "instance_id"],
+            &["extension_instances[pii_guard/bad id].instance_id: "],
+            ("extension_instances", "pii_guard/bad id"),
+            "absent",
         ),
         (
             "UPDATE policies SET policy = '{\"pre\": [{\"id\": \"normalize_text\", \"mode\": \"mandatory\"}]}'",
             "UPDATE policies SET policy = '{}'",
             &[
-                "table policies",
-                "(tenant_id='default', policy_id='default')",
+                "policies[default/default].policy.pre[0].mode: ",
                 "mandatory",
             ],
+            ("policies", "default/default"),
+            "last_good",
         ),
         (
             "UPDATE extensions SET retry = 7 WHERE id = 'test_provider'",
             "UPDATE extensions SET retry = 1 WHERE id = 'test_provider'",
-            &["retry", "retry_limit_exceeded"],
+            &["extensions[test_provider].retry: ", "retry_limit_exceeded"],
+            ("extensions", "test_provider"),
+            "last_good",
         ),
     ];
-    for (break_it, fix_it, needles) in cases {
+    for (n, (break_it, fix_it, needles, (table, key), serving)) in cases.iter().enumerate() {
+        let before = registry.snapshot();
         sqlx::query(*break_it).execute(&pool).await.unwrap();
-        let err = registry.reload().await.expect_err(break_it);
-        assert_eq!(err.kind(), ErrorKind::InvalidData, "{err}");
-        let msg = err.to_string();
-        for n in *needles {
-            assert!(msg.contains(n), "'{n}' missing from: {msg}");
-        }
-        assert!(
-            Arc::ptr_eq(&good, &registry.snapshot()),
-            "snapshot replaced after: {break_it}"
+        let other_timeout = 200 + n as i32;
+        sqlx::query("UPDATE extensions SET timeout_ms = $1 WHERE id = 'other'")
+            .bind(other_timeout)
+            .execute(&pool)
+            .await
+            .unwrap();
+        registry
+            .reload()
+            .await
+            .unwrap_or_else(|e| panic!("{break_it}: the reload failed: {e}"));
+        let snap = registry.snapshot();
+        assert_eq!(
+            snap.lookup("other").unwrap().timeout_ms,
+            other_timeout as u32,
+            "{break_it}: the other change did not apply"
         );
+        assert_eq!(
+            snap.quarantine.len(),
+            1,
+            "{break_it}: {:?}",
+            snap.quarantine
+        );
+        let q = serde_json::to_value(&snap.quarantine[0]).unwrap();
+        assert_eq!(
+            (q["table"].as_str().unwrap(), q["key"].as_str().unwrap()),
+            (*table, *key)
+        );
+        assert_eq!(q["serving"], *serving, "{q}");
+        for needle in *needles {
+            assert!(
+                q["error"].as_str().unwrap().contains(needle),
+                "'{needle}' missing from: {q}"
+            );
+        }
+        // What the bad row's key serves is exactly what it served before.
+        if *table == "extensions" {
+            assert!(Arc::ptr_eq(
+                before.lookup(key).unwrap(),
+                snap.lookup(key).unwrap()
+            ));
+        }
+        if *table == "policies" {
+            assert!(Arc::ptr_eq(
+                before.policy("default", "default").unwrap(),
+                snap.policy("default", "default").unwrap()
+            ));
+        }
         sqlx::query(*fix_it).execute(&pool).await.unwrap();
+        registry.reload().await.unwrap();
+        assert!(
+            registry.snapshot().quarantine.is_empty(),
+            "{break_it}: fixed but still quarantined"
+        );
     }
-    let (ok, failed) = registry.sync_counts();
-    assert_eq!(failed, cases.len() as u64);
-    registry.reload().await.unwrap();
-    assert_eq!(registry.sync_counts().0, ok + 1);
+    let (_, failed) = registry.sync_counts();
+    assert_eq!(failed, 0, "a quarantined row is not a failed sync");
 }
 
 #[tokio::test]

@@ -113,7 +113,8 @@ async fn arrays_versions_and_instances_in_one_file() {
     assert_eq!(inst[1].weight, 25);
 }
 
-/// Each bad input yields an error naming the file, the record and the field.
+/// Each bad input is quarantined with a message naming the file, the place in it and
+/// the field, in JSON words (never a Rust type name).
 #[test]
 fn bad_fixture_files_are_named_precisely() {
     let good = json!({"id": "x", "type": "pre", "subject": "a.b", "timeout_ms": 100});
@@ -159,7 +160,15 @@ fn bad_fixture_files_are_named_precisely() {
         (
             "wrong field type",
             with("timeout_ms", json!("fast")),
-            vec!["timeout_ms"],
+            vec![
+                "timeout_ms",
+                "expected a whole number, found the string \"fast\"",
+            ],
+        ),
+        (
+            "a version that is not an object",
+            with("versions", json!(["v2"])),
+            vec!["versions[0]", "expected a version object"],
         ),
         (
             "routing_rules shape",
@@ -191,22 +200,26 @@ fn bad_fixture_files_are_named_precisely() {
             vec!["config", "deeper"],
         ),
     ];
+    let good_file = json!({"id": "fine", "type": "post", "subject": "c.d"}).to_string();
     for (what, text, needles) in cases {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("ext.json"), &text).unwrap();
-        let data = fixtures::load_dir(dir.path(), None);
-        let err = match data {
-            Err(e) => e,
-            Ok(d) => {
-                beamline_registry::Snapshot::build(d, &Limits::default(), ActiveSource::Fixtures, 1)
-                    .expect_err(what)
-            }
-        };
-        assert_eq!(err.kind(), ErrorKind::InvalidData, "{what}: {err}");
-        let msg = err.to_string();
+        fs::write(dir.path().join("fine.json"), &good_file).unwrap();
+        let data = fixtures::load_dir(dir.path(), None).expect(what);
+        let snap =
+            beamline_registry::Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1);
+        assert!(
+            snap.lookup("fine").is_some(),
+            "{what}: the good file applies"
+        );
+        assert_eq!(snap.quarantine.len(), 1, "{what}: {:?}", snap.quarantine);
+        let msg = &snap.quarantine[0].error;
         assert!(msg.contains("ext.json"), "{what}: no file in {msg}");
         for n in needles {
             assert!(msg.contains(n), "{what}: '{n}' missing from: {msg}");
+        }
+        for rust in ["struct ", "Fixture", "i64", "u32", "sequence"] {
+            assert!(!msg.contains(rust), "{what}: a Rust type name in {msg}");
         }
     }
 }
@@ -218,10 +231,13 @@ fn the_same_id_in_two_files_names_both() {
     fs::write(dir.path().join("a.json"), &rec).unwrap();
     fs::write(dir.path().join("b.json"), &rec).unwrap();
     let data = fixtures::load_dir(dir.path(), None).unwrap();
-    let err =
-        beamline_registry::Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1)
-            .unwrap_err()
-            .to_string();
+    let snap =
+        beamline_registry::Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1);
+    assert!(
+        snap.lookup("dup").is_some(),
+        "the first file's record serves"
+    );
+    let err = &snap.quarantine[0].error;
     assert!(
         err.contains("a.json") && err.contains("b.json") && err.contains("dup"),
         "{err}"
@@ -263,20 +279,26 @@ fn bad_policies_are_named() {
     )
     .unwrap();
     let data = fixtures::load_dir(&ext, Some(&pol)).unwrap();
-    let err =
-        beamline_registry::Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1)
-            .unwrap_err()
-            .to_string();
+    let snap =
+        beamline_registry::Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1);
+    let err = &snap.quarantine[0].error;
     assert!(
-        err.contains("acme/default.json") && err.contains("mandatory"),
+        err.contains("acme/default.json: pre[0].mode") && err.contains("mandatory"),
         "{err}"
     );
-    // A stray file outside a tenant folder is refused, not ignored.
+    assert!(snap.policy("acme", "default").is_none());
+    // A stray file outside a tenant folder is quarantined, not ignored.
     fs::write(pol.join("default.json"), "{}").unwrap();
-    let err = fixtures::load_dir(&ext, Some(&pol))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("tenant folder"), "{err}");
+    let data = fixtures::load_dir(&ext, Some(&pol)).unwrap();
+    let snap =
+        beamline_registry::Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1);
+    assert!(
+        snap.quarantine
+            .iter()
+            .any(|q| q.error.contains("tenant folder")),
+        "{:?}",
+        snap.quarantine
+    );
 }
 
 #[tokio::test]
@@ -312,10 +334,11 @@ async fn policy_references_to_missing_or_mistyped_extensions_are_warnings() {
     );
 }
 
-/// A reload that fails keeps the previous snapshot serving, counts the error, and the
-/// next good reload recovers.
+/// A broken file is quarantined at its last good version while the other files
+/// apply; fixing it takes it out of quarantine; a folder that cannot be read fails
+/// the reload, keeps the snapshot, and a later success resolves the error.
 #[tokio::test]
-async fn a_refused_reload_keeps_the_previous_snapshot() {
+async fn a_broken_file_is_held_at_its_last_good_version() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("n.json");
     fs::write(
@@ -323,37 +346,74 @@ async fn a_refused_reload_keeps_the_previous_snapshot() {
         json!({"id": "n", "type": "pre", "subject": "a", "timeout_ms": 100}).to_string(),
     )
     .unwrap();
+    let other = dir.path().join("o.json");
+    let other_rec = |t: i64| json!({"id": "o", "type": "post", "subject": "b", "timeout_ms": t});
+    fs::write(&other, other_rec(100).to_string()).unwrap();
     let registry: Registry = start(fixtures_config(dir.path(), None)).await;
     let before = registry.snapshot();
     assert_eq!(before.lookup("n").unwrap().timeout_ms, 100);
 
-    for bad in [
-        json!({"id": "n", "type": "pre", "subject": "a", "timeout_ms": 100000}).to_string(),
-        "{ not json".to_string(),
-        json!({"id": "n", "type": "nope", "subject": "a"}).to_string(),
-    ] {
-        fs::write(&file, bad).unwrap();
-        let err = registry.reload().await.unwrap_err();
-        assert!(err.to_string().contains("n.json"), "{err}");
+    for (i, (bad, field)) in [
+        (
+            json!({"id": "n", "type": "pre", "subject": "a", "timeout_ms": 100000}).to_string(),
+            "timeout_ms",
+        ),
+        ("{ not json".to_string(), ""),
+        (
+            json!({"id": "n", "type": "nope", "subject": "a"}).to_string(),
+            "type",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        fs::write(&file, &bad).unwrap();
+        // Another file changes at the same time: its change applies.
+        fs::write(&other, other_rec(200 + i as i64).to_string()).unwrap();
+        registry
+            .reload()
+            .await
+            .expect("a bad file does not fail the reload");
         let now = registry.snapshot();
-        assert!(
-            std::sync::Arc::ptr_eq(&before, &now),
-            "snapshot was replaced"
-        );
-        assert_eq!(now.lookup("n").unwrap().timeout_ms, 100);
+        assert_eq!(now.lookup("n").unwrap().timeout_ms, 100, "{bad}: held");
+        assert_eq!(now.lookup("o").unwrap().timeout_ms, 200 + i as u32);
+        let status = registry.status();
+        assert_eq!(status.quarantined.len(), 1, "{:?}", status.quarantined);
+        let q = &status.quarantined[0];
+        assert!(q.error.contains("n.json"), "{}", q.error);
+        assert_eq!(q.field, field, "{}", q.error);
+        assert_eq!(q.serving, beamline_registry::quarantine::Serving::LastGood);
+        assert!(status.last_error.is_none());
     }
     let status = registry.status();
-    assert_eq!(status.sync_error_total, 3);
-    assert!(status.last_error.unwrap().contains("n.json"));
+    assert_eq!(status.sync_error_total, 0);
 
     fs::write(
         &file,
         json!({"id": "n", "type": "pre", "subject": "a", "timeout_ms": 200}).to_string(),
     )
     .unwrap();
-    let report = registry.reload().await.unwrap();
-    assert_eq!(report.generation, before.generation + 1);
+    registry.reload().await.unwrap();
     assert_eq!(registry.snapshot().lookup("n").unwrap().timeout_ms, 200);
+    assert!(
+        registry.status().quarantined.is_empty(),
+        "fixed: out of quarantine"
+    );
+
+    // The folder itself gone: the reload fails and changes nothing ...
+    let moved = dir.path().with_extension("moved");
+    fs::rename(dir.path(), &moved).unwrap();
+    let kept = registry.snapshot();
+    let err = registry.reload().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+    assert!(std::sync::Arc::ptr_eq(&kept, &registry.snapshot()));
+    assert!(registry.status().last_error.is_some());
+    // ... and once it is back, the error is resolved, not left standing.
+    fs::rename(&moved, dir.path()).unwrap();
+    registry.reload().await.unwrap();
+    let status = registry.status();
+    assert!(status.last_error.is_none(), "{:?}", status.last_error);
+    assert!(status.resolved_error.unwrap().error.contains("cannot read"));
 }
 
 /// The runbook's fixtures procedure: edit the file, reload, verify `enabled`.

@@ -1,7 +1,7 @@
 //! Incremental reloads: a NOTIFY that names its keys makes the router read only those
 //! records and share every other entry with the snapshot it had, and the result is
 //! exactly what a full reload of the same database would build. A bad row in a change
-//! holds back that extension only; the rest keeps flowing.
+//! is quarantined on its own; the rest keeps flowing.
 
 mod common;
 
@@ -72,7 +72,7 @@ async fn full_build(pool: &PgPool) -> Snapshot {
     let data = beamline_registry::database::load(pool, "test")
         .await
         .expect("full read");
-    Snapshot::build(data, &Limits::default(), ActiveSource::Database, 0).expect("full build")
+    Snapshot::build(data, &Limits::default(), ActiveSource::Database, 0)
 }
 
 /// Commits `sql`, then touches `marker` and waits until the router has seen that:
@@ -207,59 +207,119 @@ async fn keyed_changes_share_untouched_entries_and_equal_a_full_reload() {
     stop.cancel();
 }
 
-/// A bad row refuses the change like a full reload would: the snapshot keeps serving
-/// the last good state (all of it — a later change is not applied on top of a state
-/// the database never had), the error names the row, and fixing the row brings
-/// everything in.
+/// One bad row in each table (extensions, versions, instances, policies), arriving
+/// through the change log: each is quarantined on its own — named with its field
+/// path, its key held at the last good version or absent — and good changes to
+/// other rows, committed after the bad ones, still reach the router. Fixing the rows
+/// takes them out of quarantine, and the result equals a full reload.
 #[tokio::test]
-async fn a_bad_row_keeps_the_last_good_state_until_it_is_fixed() {
+async fn bad_rows_in_every_table_are_quarantined_and_good_changes_keep_flowing() {
     let db = TestDatabase::create().await;
     let (pool, registry, stop) = running(&db).await;
     let errors_before = registry.sync_counts().1;
 
-    // timeout_ms passes the table's CHECK but not the router's limits (10..5000).
-    sqlx::query("UPDATE extensions SET timeout_ms = 99999 WHERE id = 'ext-1'")
-        .execute(&pool)
-        .await
-        .expect("update");
-    assert!(
-        eventually(Duration::from_secs(10), || registry.sync_counts().1
-            > errors_before)
-        .await
-    );
-    let error = registry
-        .status()
-        .last_error
-        .expect("the refused change is reported");
-    assert!(
-        error.contains("extensions") && error.contains("ext-1") && error.contains("timeout_ms"),
-        "{error}"
-    );
-    let good = registry.snapshot();
-    assert_eq!(good.lookup("ext-1").map(|e| e.timeout_ms), Some(101));
-
-    sqlx::query("UPDATE extensions SET timeout_ms = 555 WHERE id = 'ext-9'")
-        .execute(&pool)
-        .await
-        .expect("update");
-    assert!(
-        eventually(Duration::from_secs(10), || registry.sync_counts().1
-            > errors_before + 1)
-        .await
-    );
-    assert_eq!(registry.snapshot().generation, good.generation);
-
-    // Fixing the row brings it and everything after it in.
+    // Each passes the table's CHECKs but not the router's validation.
     commit_and_settle(
         &pool,
         &registry,
-        "UPDATE extensions SET timeout_ms = 250 WHERE id = 'ext-1'",
+        r#"UPDATE extensions SET timeout_ms = 99999 WHERE id = 'ext-1';
+           UPDATE extension_versions SET routing_rules = '{"tenant_id": 5}' WHERE id = 'ext-5' AND version = 'v2';
+           UPDATE extension_instances SET subject = 'beamline.>' WHERE extension_id = 'ext-6';
+           UPDATE policies SET policy = '{"providers": ["ext-7"]}' WHERE tenant_id = 't1';"#,
+    )
+    .await;
+    let status = registry.status();
+    let found: Vec<(String, String, String)> = status
+        .quarantined
+        .iter()
+        .map(|q| (q.table.as_str().to_string(), q.key.clone(), q.error.clone()))
+        .collect();
+    let expect = [
+        ("extensions", "ext-1", "extensions[ext-1].timeout_ms: "),
+        (
+            "extension_versions",
+            "ext-5/v2",
+            "extension_versions[ext-5/v2].routing_rules.tenant_id: ",
+        ),
+        (
+            "extension_instances",
+            "ext-6/i1",
+            "extension_instances[ext-6/i1].subject: ",
+        ),
+        (
+            "policies",
+            "t1/p1",
+            "policies[t1/p1].policy.providers[0]: expected an object with \"name\", found the string \"ext-7\"",
+        ),
+    ];
+    assert_eq!(found.len(), expect.len(), "{found:#?}");
+    for ((table, key, error), (t, k, needle)) in found.iter().zip(expect) {
+        assert_eq!((table.as_str(), key.as_str()), (t, k));
+        assert!(error.contains(needle), "{error}");
+    }
+    assert!(status.last_error.is_none(), "{:?}", status.last_error);
+    assert_eq!(
+        registry.sync_counts().1,
+        errors_before,
+        "quarantine is not a failed sync"
+    );
+    // Held: the last good versions serve.
+    let held = registry.snapshot();
+    assert_eq!(held.lookup("ext-1").map(|e| e.timeout_ms), Some(101));
+    assert_eq!(
+        held.resolve("ext-5", &[("tenant_id", "canary")])
+            .unwrap()
+            .version,
+        "v2"
+    );
+    assert_eq!(held.instances("ext-6")[0].subject, "beamline.ext.e6.i1");
+    assert_eq!(held.policy("t1", "p1").unwrap().post[0].id, "ext-2");
+
+    // Good changes to every table, committed after the bad rows, apply.
+    commit_and_settle(
+        &pool,
+        &registry,
+        r#"UPDATE extensions SET timeout_ms = 555 WHERE id = 'ext-9';
+           UPDATE extension_versions SET timeout_ms = 444 WHERE id = 'ext-13' AND version = 'v1';
+           UPDATE extension_instances SET weight = 7 WHERE extension_id = 'ext-14';
+           UPDATE policies SET policy = '{"providers": [{"name": "ext-15", "weight": 100}]}' WHERE tenant_id = 't2';"#,
     )
     .await;
     let s = registry.snapshot();
-    assert_eq!(s.lookup("ext-1").map(|e| e.timeout_ms), Some(250));
     assert_eq!(s.lookup("ext-9").map(|e| e.timeout_ms), Some(555));
+    let v1 = s
+        .entry("ext-13")
+        .unwrap()
+        .versions
+        .iter()
+        .find(|v| v.version.version == "v1")
+        .unwrap();
+    assert_eq!(v1.version.timeout_ms, 444);
+    assert_eq!(s.instances("ext-14")[0].weight, 7);
+    assert_eq!(
+        s.policy("t2", "p1").unwrap().document.providers[0].name,
+        "ext-15"
+    );
+    assert_eq!(s.quarantine.len(), 4, "the bad rows stay quarantined");
+    let since = |s: &Snapshot| s.quarantine.iter().map(|q| q.since).collect::<Vec<_>>();
+    assert_eq!(since(&s), since(&held), "`since` is when the row went bad");
+
+    // Fixing the rows brings them in and empties the quarantine.
+    commit_and_settle(
+        &pool,
+        &registry,
+        r#"UPDATE extensions SET timeout_ms = 250 WHERE id = 'ext-1';
+           UPDATE extension_versions SET routing_rules = '{"tenant_id": ["canary"]}' WHERE id = 'ext-5' AND version = 'v2';
+           UPDATE extension_instances SET subject = 'beamline.ext.e6.i2' WHERE extension_id = 'ext-6';
+           UPDATE policies SET policy = '{"providers": [{"name": "ext-8", "weight": 100}]}' WHERE tenant_id = 't1';"#,
+    )
+    .await;
+    let s = registry.snapshot();
+    assert!(s.quarantine.is_empty(), "{:?}", s.quarantine);
+    assert_eq!(s.lookup("ext-1").map(|e| e.timeout_ms), Some(250));
+    assert_eq!(s.instances("ext-6")[0].subject, "beamline.ext.e6.i2");
     assert_eq!(dump(&s), dump(&full_build(&pool).await));
+    assert_eq!(registry.status().last_sync_trigger, Some(Trigger::Notify));
     stop.cancel();
 }
 

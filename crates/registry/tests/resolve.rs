@@ -53,7 +53,7 @@ fn snapshot(versions: Vec<Sourced<VersionRecord>>) -> Snapshot {
         versions,
         ..Dataset::default()
     };
-    Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1).unwrap()
+    Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1)
 }
 
 fn resolved(s: &Snapshot, tenant: &str) -> String {
@@ -176,14 +176,21 @@ fn keys_are_anded() {
 }
 
 #[test]
-fn a_version_of_an_unknown_extension_is_refused() {
+fn a_version_of_an_unknown_extension_is_quarantined() {
     let data = Dataset {
         extensions: vec![base("n")],
         versions: vec![version("ghost", "v2", json!({}), true, None)],
         ..Dataset::default()
     };
-    let err = Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1).unwrap_err();
-    assert!(err.to_string().contains("ghost"), "{err}");
+    let s = Snapshot::build(data, &Limits::default(), ActiveSource::Fixtures, 1);
+    assert!(s.lookup("n").is_some(), "the good record still applies");
+    assert_eq!(s.quarantine.len(), 1, "{:?}", s.quarantine);
+    let q = &s.quarantine[0];
+    assert_eq!(
+        (q.table.as_str(), q.key.as_str()),
+        ("extension_versions", "ghost/v2")
+    );
+    assert!(q.error.contains("unknown extension 'ghost'"), "{}", q.error);
 }
 
 /// A full rebuild keeps the previous snapshot's entry (the same allocation) for every
@@ -204,17 +211,15 @@ fn a_rebuild_shares_unchanged_entries() {
         ..Dataset::default()
     };
     let limits = Limits::default();
-    let first = Snapshot::build(data(100, true), &limits, ActiveSource::Database, 1).unwrap();
-    let same =
-        Snapshot::rebuild(data(100, true), &limits, ActiveSource::Database, 2, &first).unwrap();
+    let first = Snapshot::build(data(100, true), &limits, ActiveSource::Database, 1);
+    let same = Snapshot::rebuild(data(100, true), &limits, ActiveSource::Database, 2, &first);
     for id in ["a", "b", "c"] {
         assert!(
             std::sync::Arc::ptr_eq(first.lookup(id).unwrap(), same.lookup(id).unwrap()),
             "{id} was rebuilt although nothing changed"
         );
     }
-    let changed =
-        Snapshot::rebuild(data(250, false), &limits, ActiveSource::Database, 3, &same).unwrap();
+    let changed = Snapshot::rebuild(data(250, false), &limits, ActiveSource::Database, 3, &same);
     assert!(std::sync::Arc::ptr_eq(
         same.lookup("a").unwrap(),
         changed.lookup("a").unwrap()

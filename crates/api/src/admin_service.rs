@@ -900,4 +900,32 @@ impl RouterAdmin for AdminService {
         })
         .await
     }
+
+    async fn validate_registry(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        self.check(&req, Role::Viewer, "registry")?;
+        let report = self
+            .pipeline
+            .registry()
+            .validate()
+            .await
+            .map_err(|e| status_of_registry(&e))?;
+        reply(to_json(&report))
+    }
+
+    async fn diff_registry(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        self.check(&req, Role::Viewer, "registry")?;
+        let report = self
+            .pipeline
+            .registry()
+            .diff()
+            .await
+            .map_err(|e| status_of_registry(&e))?;
+        reply(to_json(&report))
+    }
 }

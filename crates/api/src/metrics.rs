@@ -6,7 +6,7 @@
 //!   (invocations, latency, retries, breaker openings, versions, balancer picks, the
 //!   security counters);
 //! - state, read from the registry and the pipeline at scrape time (breaker state,
-//!   health gauges, registry size, instance health, sync and RBAC counters). These
+//!   health gauges, registry size and quarantine, instance health, sync and RBAC counters). These
 //!   families are rebuilt on every scrape, so a breaker that changes state leaves
 //!   exactly one series (`state` = the current one) and a removed extension leaves
 //!   none.
@@ -86,6 +86,7 @@ struct StateFamilies {
     health_latency_p95_ms: GaugeVec,
     registry_extensions_total: IntGaugeVec,
     registry_sync_total: IntCounterVec,
+    registry_quarantined: IntGaugeVec,
     instance_health: IntGaugeVec,
     rbac_denied_total: IntCounterVec,
 }
@@ -213,6 +214,12 @@ impl Metrics {
                 "Registry syncs (reloads) by outcome.",
                 &["status"],
             ),
+            registry_quarantined: int_gauge(
+                &r,
+                "router_extension_registry_quarantined",
+                "Records held out of the serving snapshot because they failed validation (DESIGN.md §4), by table.",
+                &["table"],
+            ),
             instance_health: int_gauge(
                 &r,
                 "router_extension_instance_health",
@@ -325,6 +332,13 @@ impl Metrics {
                     .with_label_values(&[snap.source.as_str(), t.as_str()])
                     .set(n as i64);
             }
+        }
+        // Every table always has a series (0 when clean), so the alert's expression
+        // and a dashboard's sum find one from the start.
+        for (table, n) in snap.quarantined_by_table() {
+            s.registry_quarantined
+                .with_label_values(&[table.as_str()])
+                .set(n as i64);
         }
         let (ok, failed) = registry.sync_counts();
         self.mirror(

@@ -1,7 +1,8 @@
 //! The extension registry of beamline-router.
 //!
 //! It reads extensions, versions, instances and policies from fixtures or PostgreSQL,
-//! validates them whole into an immutable [`Snapshot`], and serves that snapshot
+//! validates them record by record into an immutable [`Snapshot`] (a record that
+//! fails is quarantined on its own), and serves that snapshot
 //! behind one atomic pointer while a sync task keeps it current (periodic resync plus
 //! LISTEN/NOTIFY, where a notification makes the router read only what changed since
 //! its last read, from migration 0003's `registry_changes` log).
@@ -13,10 +14,13 @@
 //!   list by type, instances, policies); a snapshot is patched with a change set or
 //!   rebuilt keeping unchanged entries.
 //! - [`registry`]: the running registry — atomic swap, reloads, auto fallback, sync.
+//! - [`quarantine`]: records that fail validation, held out one by one.
+//! - [`check`]: `registry validate` and `registry diff` (read, compare, change nothing).
 //! - [`writes`]: operator writes (one transaction each, audit-logged).
 //! - [`health_store`]: the `extension_health` table: periodic upserts, manual resets.
 //! - [`error`]: [`RegistryError`], with the origin (file or row) and an [`ErrorKind`].
 
+pub mod check;
 pub mod config;
 pub mod database;
 pub mod dataset;

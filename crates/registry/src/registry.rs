@@ -86,6 +86,8 @@ pub struct ReloadReport {
     /// Set when only what changed since the last read was read again: how many
     /// extension and tenant keys. `None` for a full reload.
     pub changed_keys: Option<usize>,
+    /// Records held out because they failed validation (see `registry status`).
+    pub quarantined: Vec<Quarantined>,
 }
 
 /// Everything `registry status` shows.
@@ -249,6 +251,12 @@ impl Registry {
         self.read_settings().config.clone()
     }
 
+    /// Configuration, limits and pool as they are now.
+    pub(crate) fn settings_now(&self) -> (RegistryConfig, Limits, Option<PgPool>) {
+        let s = self.read_settings();
+        (s.config.clone(), s.limits.clone(), s.pool.clone())
+    }
+
     fn read_settings(&self) -> std::sync::RwLockReadGuard<'_, Settings> {
         // A panic while holding the lock cannot leave Settings half-written (every
         // write replaces whole fields), so a poisoned lock is still safe to read.
@@ -354,6 +362,7 @@ impl Registry {
             warnings: snapshot.warnings.clone(),
             fallback_reason: None,
             changed_keys,
+            quarantined: snapshot.quarantine.clone(),
         }
     }
 
@@ -403,6 +412,7 @@ impl Registry {
                     warnings: snapshot.warnings.clone(),
                     fallback_reason,
                     changed_keys,
+                    quarantined: snapshot.quarantine.clone(),
                 };
                 self.inner
                     .generation
@@ -501,7 +511,7 @@ impl Registry {
     /// the database is unreachable *and* no database snapshot has been loaded — once
     /// the router has seen the database's state it keeps serving that (newer, and the
     /// truth) rather than stepping back to development fixtures.
-    async fn read_source(
+    pub(crate) async fn read_source(
         &self,
         config: &RegistryConfig,
         pool: Option<&PgPool>,

@@ -190,6 +190,11 @@ pub enum RegistryCmd {
         /// fixtures, database or auto.
         mode: String,
     },
+    /// Read the configured source and list every invalid row or file with its field
+    /// path; changes nothing. Exit code 9 when any record is invalid.
+    Validate,
+    /// What a reload would add, change and remove, per table; changes nothing.
+    Diff,
 }
 
 #[derive(Debug, Subcommand)]
@@ -510,9 +515,14 @@ pub struct MigrateArgs {
 /// Exit codes scripts can rely on: 2 bad configuration, usage or input; 3 the router
 /// or a dependency cannot be reached; 4 not found; 5 missing/invalid key or role too
 /// small; 6 refused in the current state (fixtures mode, reload refused); 7 a
-/// validator blocked the request (`decide`); 8 an extension failed (`decide`); 1
-/// anything else.
+/// validator blocked the request (`decide`); 8 an extension failed (`decide`); 9
+/// `registry validate` found invalid records; 1 anything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<crate::registry_check::InvalidRecords>()
+        .is_some()
+    {
+        return 9;
+    }
     if e.downcast_ref::<crate::config::ConfigError>().is_some() {
         return 2;
     }

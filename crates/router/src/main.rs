@@ -6,6 +6,7 @@
 //! Layout: [`cli`] (arguments), [`config`] (TOML + environment, validated),
 //! [`serve`] (wiring and lifecycle), [`migrate`], [`decide`], [`ops`] (operator
 //! commands over the admin API), [`private_nats`] (`serve --demo`'s own NATS),
+//! [`registry_check`] (`registry validate` / `diff` output),
 //! [`logging`].
 
 mod cli;
@@ -15,6 +16,7 @@ mod logging;
 mod migrate;
 mod ops;
 mod private_nats;
+mod registry_check;
 mod serve;
 
 use std::process::ExitCode;

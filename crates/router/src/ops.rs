@@ -219,6 +219,20 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 ),
                 View::Fields,
             ),
+            RegistryCmd::Validate => {
+                let r = admin
+                    .client
+                    .validate_registry(admin.req(proto::Empty {}))
+                    .await?;
+                return crate::registry_check::validate(client.output, &json_of(r));
+            }
+            RegistryCmd::Diff => {
+                let r = admin
+                    .client
+                    .diff_registry(admin.req(proto::Empty {}))
+                    .await?;
+                return crate::registry_check::diff(client.output, &json_of(r));
+            }
             RegistryCmd::Source { mode } => (
                 json_of(
                     admin

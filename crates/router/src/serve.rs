@@ -84,7 +84,8 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
         .await
         .context("cannot start the extension registry")?;
     if !registry.is_loaded() && config.extension_registry.source == SourceMode::Fixtures {
-        // Fixtures cannot heal by waiting: say what is wrong and stop.
+        // The fixtures folder itself cannot be read (a bad file is only quarantined):
+        // waiting will not heal that, so say what is wrong and stop.
         let status = registry.status();
         anyhow::bail!(
             "fixtures could not be loaded: {}",

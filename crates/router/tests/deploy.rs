@@ -57,6 +57,7 @@ fn alert_rules_check_and_unit_tests_pass() {
         "ExtensionRBACDenied",
         "ExtensionPayloadTooLarge",
         "ExtensionRetryLimitExceeded",
+        "ExtensionRegistryRecordQuarantined",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),

@@ -145,7 +145,8 @@ INSERT INTO extensions (id, type, subject, timeout_ms, retry) VALUES
  ('good', 'pre', 'prom.good', 1000, 0),
  ('broken', 'pre', 'prom.broken', 1000, 0),
  ('slow', 'post', 'prom.slow', 100, 1),
- ('spare', 'validator', 'prom.spare', 1000, 0);
+ ('spare', 'validator', 'prom.spare', 1000, 0),
+ ('quarantined', 'pre', 'prom.q', 99999, 0);
 INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default',
  '{"providers": [{"name": "p"}], "pre": [{"id": "good"}, {"id": "broken", "mode": "optional"}], "post": [{"id": "slow", "mode": "optional"}]}');
 "#,
@@ -355,7 +356,7 @@ INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default'
                 .map(|r| r["name"].as_str().unwrap().to_string())
         })
         .collect();
-    assert_eq!(names.len(), 10, "{names:?}");
+    assert_eq!(names.len(), 11, "{names:?}");
     let (_, alerts) = http_get(&prom, "/api/v1/alerts");
     let alerts: Value = serde_json::from_str(&alerts).unwrap();
     let firing: Vec<(String, String)> = alerts["data"]["alerts"]
@@ -392,4 +393,25 @@ INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default'
             .any(|(n, _)| n == "ExtensionRegistrySyncFailed"),
         "{firing:?}"
     );
+    // The row whose timeout is out of range is quarantined (and absent: the totals
+    // above count four extensions), counted by table, and alerted on.
+    let quarantined = by_label(
+        &query(
+            &prom,
+            "max(router_extension_registry_quarantined) by (table)",
+        ),
+        "table",
+    );
+    assert_eq!(quarantined.get("extensions"), Some(&1.0), "{quarantined:?}");
+    assert_eq!(quarantined.get("policies"), Some(&0.0), "{quarantined:?}");
+    let quarantine_alert = alerts["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| {
+            a["labels"]["alertname"] == "ExtensionRegistryRecordQuarantined"
+                && a["state"] == "firing"
+        })
+        .unwrap_or_else(|| panic!("no quarantine alert: {alerts}"));
+    assert_eq!(quarantine_alert["labels"]["table"], "extensions");
 }

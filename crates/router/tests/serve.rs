@@ -182,25 +182,56 @@ fn bad_configuration_is_refused_with_file_key_and_reason() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("EXTENSION_REGISTRY_SOURCE"));
 }
 
+/// A broken fixture file does not stop the router: it is quarantined with the file,
+/// field and reason named in the log, and the good files serve. A fixtures folder
+/// that cannot be read at all stops `serve` with the folder named.
 #[test]
-fn broken_fixtures_stop_serve_with_the_file_named() {
+fn broken_fixtures_are_quarantined_and_the_rest_serves() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("bad.json"),
         "{\"id\": \"x\", \"type\": \"pre\", \"subject\": \"a.*\"}",
     )
     .unwrap();
-    let out = bin()
+    std::fs::write(
+        dir.path().join("good.json"),
+        "{\"id\": \"y\", \"type\": \"pre\", \"subject\": \"a.b\"}",
+    )
+    .unwrap();
+    let mut child = bin()
         .args(["serve"])
         .env("EXTENSION_REGISTRY_FIXTURES_DIR", dir.path())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut logs = Logs::of(&mut child);
+    let log = logs
+        .wait_for("beamline-router started", Duration::from_secs(20))
+        .to_string();
+    assert!(log.contains("extensions=1"), "{log}");
+    let quarantined = log
+        .lines()
+        .find(|l| l.contains("record quarantined"))
+        .unwrap_or_else(|| panic!("no quarantine line: {log}"));
+    assert!(
+        quarantined.contains("bad.json: subject:") && quarantined.contains("wildcard"),
+        "{quarantined}"
+    );
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+
+    let out = bin()
+        .args(["serve"])
+        .env(
+            "EXTENSION_REGISTRY_FIXTURES_DIR",
+            dir.path().join("missing"),
+        )
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("bad.json") && err.contains("wildcard"),
-        "{err}"
-    );
+    assert!(err.contains("missing"), "{err}");
 }
 
 #[tokio::test]

@@ -133,6 +133,22 @@ impl NatsServer {
         self.pid().is_some()
     }
 
+    /// Freezes the server with SIGSTOP, as a hung host or a stalled VM would: its
+    /// connections stay open and nothing answers on them. Undone by
+    /// [`resume`](Self::resume); [`stop`](Self::stop) and drop work on a paused server.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            process::signal_pids(&[pid], libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a [`pause`](Self::pause)d server run again (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            process::signal_pids(&[pid], libc::SIGCONT);
+        }
+    }
+
     /// Kills the server (SIGKILL, like a crash) and waits for it to exit. The port and
     /// the store directory are kept for [`restart`](Self::restart). Does nothing if
     /// the server is not running.

@@ -166,6 +166,28 @@ impl PgCluster {
         self.pid().is_some()
     }
 
+    /// Freezes the whole server with SIGSTOP — the postmaster and every backend — as a
+    /// hung host would: connections stay open, queries and new connections get no
+    /// answer. Undone by [`resume`](Self::resume); [`stop`](Self::stop) and drop
+    /// resume a paused server before shutting it down.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            // The postmaster first, so that it forks no new backend meanwhile.
+            process::signal_pids(&process::process_tree(pid), libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a [`pause`](Self::pause)d server run again (SIGCONT to every process).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            let tree = process::process_tree(pid);
+            // Children first, so that the postmaster finds its backends running.
+            let mut reversed = tree.clone();
+            reversed.reverse();
+            process::signal_pids(&reversed, libc::SIGCONT);
+        }
+    }
+
     /// Shuts the server down in fast mode (SIGINT: running transactions are rolled
     /// back, clients disconnected, a checkpoint written) and waits for it to exit,
     /// escalating to immediate mode and SIGKILL if that takes too long. The port and
@@ -200,6 +222,8 @@ impl PgCluster {
     }
 
     fn shutdown(&mut self, steps: &[(libc::c_int, Duration)]) {
+        // A paused server handles no signal but SIGKILL until it runs again.
+        self.resume();
         if let Some(mut child) = self.take_child() {
             process::stop_child(&mut child, steps);
         }

@@ -347,3 +347,80 @@ extern "C" fn run_exit_cleanups() {
         let _ = std::fs::remove_dir_all(&entry.dir);
     }
 }
+
+/// `pid` and every process descended from it (children, grandchildren, ...), parents
+/// before their children, read from `/proc`. Empty off Linux.
+pub(crate) fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // The fields after the command name, which is in parentheses and may
+            // itself contain spaces or parentheses: state, ppid, ...
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+                parent_of.push((child, ppid));
+            }
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parent_of
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// Sends `signal` to each of `pids`; a process that is gone meanwhile is skipped.
+/// For SIGSTOP and SIGCONT, waits (up to 5 s) until the kernel shows every process
+/// stopped or running, since delivery is asynchronous.
+pub(crate) fn signal_pids(pids: &[u32], signal: libc::c_int) {
+    for pid in pids {
+        if let Ok(pid) = libc::pid_t::try_from(*pid) {
+            // SAFETY: kill(2) on processes of a server this test started.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+    let want_stopped = match signal {
+        libc::SIGSTOP => true,
+        libc::SIGCONT => false,
+        _ => return,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let settled = pids.iter().all(|pid| match process_state(*pid) {
+            Some(state) => (state == 'T') == want_stopped,
+            None => true,
+        });
+        if settled {
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The state letter of `/proc/<pid>/stat` (`R`, `S`, `T` stopped, `Z`, ...).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}

@@ -153,3 +153,35 @@ fn servers_get_distinct_ports() {
     assert_ne!(a.port(), b.port());
     assert_ne!(a.store_dir(), b.store_dir());
 }
+
+/// A paused server keeps its connections but answers nothing (a PING gets no PONG);
+/// resumed, it answers again; a paused server is still killed on drop.
+#[test]
+fn pause_freezes_the_server_and_resume_thaws_it() {
+    let server = NatsServer::start();
+    let mut client = Client::connect(server.port());
+    client
+        .writer
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    server.pause();
+    client.send("PING\r\n");
+    let mut line = String::new();
+    let frozen = client.reader.read_line(&mut line);
+    assert!(frozen.is_err(), "a paused server answered: {line:?}");
+    server.resume();
+    client
+        .writer
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut line = String::new();
+    client
+        .reader
+        .read_line(&mut line)
+        .expect("answer after resume");
+    assert_eq!(line, "PONG\r\n");
+    let pid = server.pid().unwrap();
+    server.pause();
+    drop(server);
+    assert!(!process_alive(pid), "a paused server outlived its drop");
+}

@@ -164,3 +164,39 @@ fn a_panicking_test_leaves_nothing_behind() {
     assert!(alive.is_empty(), "still running: {alive:?}");
     assert!(!dir.exists(), "{} should be removed", dir.display());
 }
+
+/// A paused cluster answers no query on an open connection and accepts no new one;
+/// resumed, both work; a paused cluster still shuts down on drop.
+#[tokio::test]
+async fn pause_freezes_every_server_process_and_resume_thaws_them() {
+    let cluster = PgCluster::start();
+    let url = cluster.url();
+    let mut open = PgConnection::connect(&url).await.unwrap();
+    cluster.pause();
+    let query = tokio::time::timeout(
+        Duration::from_millis(700),
+        sqlx::query_scalar::<_, i32>("select 1").fetch_one(&mut open),
+    )
+    .await;
+    assert!(query.is_err(), "a paused cluster answered a query");
+    let connect = tokio::time::timeout(Duration::from_millis(700), select_one(&url)).await;
+    assert!(connect.is_err(), "a paused cluster accepted a connection");
+    cluster.resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), select_one(&url)).await {
+            Ok(Ok(1)) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "not back after resume: {other:?}"
+            ),
+        }
+    }
+    let pids = server_processes(cluster.pid().unwrap());
+    cluster.pause();
+    drop(cluster);
+    assert_eq!(
+        wait_until_gone(&pids, Duration::from_secs(30)),
+        Vec::<u32>::new()
+    );
+}

@@ -279,4 +279,5 @@ pub const CONTRACT_METRICS: &[(&str, &str)] = &[
     ("router_rbac_denied_total", "counter"),
     ("router_extension_payload_too_large_total", "counter"),
     ("router_extension_retry_limit_exceeded_total", "counter"),
+    ("router_extension_registry_quarantined", "gauge"),
 ];

@@ -56,6 +56,16 @@ pub enum Serving {
     OtherRecord,
 }
 
+impl Serving {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Serving::LastGood => "last_good",
+            Serving::Absent => "absent",
+            Serving::OtherRecord => "other_record",
+        }
+    }
+}
+
 /// One record held out of the snapshot, as `registry status` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Quarantined {

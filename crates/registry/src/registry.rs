@@ -753,7 +753,7 @@ fn log_quarantine_changes(before: &Snapshot, after: &Snapshot) {
                 table = q.table.as_str(),
                 key = %q.key,
                 field = %q.field,
-                serving = ?q.serving,
+                serving = q.serving.as_str(),
                 error = %q.error,
                 "Extension Registry: record quarantined; it keeps its last good version (or stays absent) until fixed"
             );

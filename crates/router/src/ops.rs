@@ -192,15 +192,13 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
     let mut warnings: Vec<String> = Vec::new();
     let (value, view) = match command {
         Command::Registry(g) => match g.command {
-            RegistryCmd::Status => (
-                json_of(
-                    admin
-                        .client
-                        .get_registry_status(admin.req(proto::Empty {}))
-                        .await?,
-                ),
-                View::Fields,
-            ),
+            RegistryCmd::Status => {
+                let r = admin
+                    .client
+                    .get_registry_status(admin.req(proto::Empty {}))
+                    .await?;
+                return crate::registry_check::status(client.output, &json_of(r));
+            }
             RegistryCmd::TestConnection => (
                 json_of(
                     admin
@@ -210,15 +208,13 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 ),
                 View::Fields,
             ),
-            RegistryCmd::Reload => (
-                json_of(
-                    admin
-                        .client
-                        .reload_registry(admin.req(proto::Empty {}))
-                        .await?,
-                ),
-                View::Fields,
-            ),
+            RegistryCmd::Reload => {
+                let r = admin
+                    .client
+                    .reload_registry(admin.req(proto::Empty {}))
+                    .await?;
+                return crate::registry_check::status(client.output, &json_of(r));
+            }
             RegistryCmd::Validate => {
                 let r = admin
                     .client
@@ -656,6 +652,11 @@ enum InstanceCall {
     Add,
     Set,
     Remove,
+}
+
+/// `key  value` lines, as every single-record answer prints.
+pub(crate) fn render_fields(v: &Value) -> String {
+    render(v, View::Fields)
 }
 
 /// How to show a result to a person.

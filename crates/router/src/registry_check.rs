@@ -1,5 +1,6 @@
 //! `registry validate` and `registry diff`: how their answers print, and the exit
-//! code that says whether every record is valid.
+//! code that says whether every record is valid; `registry status` with its
+//! quarantined records as a table.
 
 use serde_json::Value;
 
@@ -22,6 +23,47 @@ pub fn validate(output: Output, v: &Value) -> anyhow::Result<()> {
     } else {
         Err(InvalidRecords(invalid.max(1)).into())
     }
+}
+
+/// Prints a `GetRegistryStatus` or `ReloadRegistry` answer: the fields, then each
+/// quarantined record.
+pub fn status(output: Output, v: &Value) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Output::Table => {
+            let mut fields = v.clone();
+            let quarantined = fields
+                .as_object_mut()
+                .and_then(|m| m.remove("quarantined"))
+                .and_then(|q| q.as_array().cloned())
+                .unwrap_or_default();
+            print!("{}", crate::ops::render_fields(&fields));
+            println!("quarantined  {}", quarantined.len());
+            if !quarantined.is_empty() {
+                print!("{}", quarantine_table(&quarantined, true));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Quarantined (or invalid) records: a table, then each full message.
+fn quarantine_table(records: &[Value], with_serving: bool) -> String {
+    let mut headers = vec!["table", "key", "field", "reason"];
+    if with_serving {
+        headers.extend(["serving", "since"]);
+    }
+    let rows = records
+        .iter()
+        .map(|q| headers.iter().map(|h| text(&q[*h])).collect())
+        .collect();
+    let mut out = String::from("\n");
+    out.push_str(&columns(&headers, rows));
+    out.push('\n');
+    for q in records {
+        out.push_str(&format!("{}\n", text(&q["error"])));
+    }
+    out
 }
 
 /// Prints a `DiffRegistry` answer.
@@ -89,25 +131,7 @@ fn validate_table(v: &Value) -> String {
         counts(&v["counts"])
     );
     if !invalid.is_empty() {
-        out.push('\n');
-        out.push_str(&columns(
-            &["table", "key", "field", "reason"],
-            invalid
-                .iter()
-                .map(|q| {
-                    vec![
-                        text(&q["table"]),
-                        text(&q["key"]),
-                        text(&q["field"]),
-                        text(&q["reason"]),
-                    ]
-                })
-                .collect(),
-        ));
-        out.push('\n');
-        for q in &invalid {
-            out.push_str(&format!("{}\n", text(&q["error"])));
-        }
+        out.push_str(&quarantine_table(&invalid, false));
     }
     for w in v["warnings"].as_array().into_iter().flatten() {
         out.push_str(&format!("warning: {}\n", text(w)));

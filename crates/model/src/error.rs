@@ -114,7 +114,7 @@ fn found_words(found: &str) -> String {
                     .trim_matches('`')
             )
         }
-        f if f.starts_with("boolean ") => format!("{}", f["boolean ".len()..].trim_matches('`')),
+        f if f.starts_with("boolean ") => f["boolean ".len()..].trim_matches('`').to_string(),
         f => f.to_string(),
     }
 }

@@ -46,6 +46,8 @@ enum Method {
     AddInstance,
     SetInstance,
     RemoveInstance,
+    ValidateRegistry,
+    DiffRegistry,
 }
 
 use Method::*;
@@ -66,6 +68,8 @@ const MATRIX: &[(Method, u8)] = &[
     (ListHealth, 0),
     (PolicyUses, 0),
     (ListVersions, 0),
+    (ValidateRegistry, 0),
+    (DiffRegistry, 0),
     (ReloadRegistry, 1),
     (SetRegistrySource, 1),
     (EnableExtension, 1),
@@ -276,6 +280,11 @@ async fn call(
                 _ => c.remove_instance(req(body, h)).await.map(|_| ()),
             }
         }
+        ValidateRegistry => c
+            .validate_registry(req(proto::Empty {}, h))
+            .await
+            .map(|_| ()),
+        DiffRegistry => c.diff_registry(req(proto::Empty {}, h)).await.map(|_| ()),
     }
 }
 

@@ -2,10 +2,11 @@
 //! (SIGSTOP), NATS never reachable, PostgreSQL killed, PostgreSQL paused and an
 //! extension paused — each with its own nats-server and/or PostgreSQL to break — the
 //! router gets SIGTERM with requests in flight and must exit 0 within its bound
-//! (`[server] drain_timeout_ms` + health ≤ 5 s + NATS flush ≤ 1 s + HTTP close ≤ 1 s
-//! + runtime 0.5 s), having answered every request in flight: a decision, or an error
-//! with a documented code (`x-beamline-error-code` on gRPC, `error.code` on the NATS
-//! intake). Measured stop durations are printed as `MEASURED stop …` lines.
+//! (`[server] drain_timeout_ms`, then health at most 5 s, NATS flush at most 1 s, HTTP
+//! close at most 1 s, runtime 0.5 s), having answered every request in flight: a
+//! decision, or an error with a documented code (`x-beamline-error-code` on gRPC,
+//! `error.code` on the NATS intake). Measured stop durations are printed as
+//! `MEASURED stop …` lines.
 //!
 //! Also: a second signal while stopping exits at once, non-zero; readiness turns
 //! unready at the first signal while in-flight requests drain.

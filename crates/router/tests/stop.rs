@@ -113,6 +113,21 @@ impl Drop for DemoExtensions {
     }
 }
 
+/// Counts every message published on `subject` (a plain subscription sees each
+/// request the router sends, whoever answers it); flushed before it returns.
+async fn observe(nc: &async_nats::Client, subject: &str) -> Arc<AtomicUsize> {
+    let mut sub = nc.subscribe(subject.to_string()).await.unwrap();
+    nc.flush().await.unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while sub.next().await.is_some() {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    seen
+}
+
 fn decide_request(i: usize) -> proto::RouteRequest {
     proto::RouteRequest {
         message: Some(proto::Message {
@@ -221,15 +236,7 @@ async fn fault_matrix(fault: Fault) {
     let (client, observed) = match &nats {
         Some(n) => {
             let nc = async_nats::connect(n.url()).await.unwrap();
-            let mut sub = nc.subscribe(subject.to_string()).await.unwrap();
-            nc.flush().await.unwrap();
-            let seen = Arc::new(AtomicUsize::new(0));
-            let counter = seen.clone();
-            tokio::spawn(async move {
-                while sub.next().await.is_some() {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                }
-            });
+            let seen = observe(&nc, subject).await;
             (Some(nc), seen)
         }
         None => (None, Arc::new(AtomicUsize::new(0))),
@@ -397,16 +404,8 @@ async fn readiness_turns_unready_at_once_and_a_second_signal_exits_now() {
         .await
         .unwrap();
     let nc = async_nats::connect(nats.url()).await.unwrap();
-    // An extension that never answers within the drain: requests stay in flight.
-    let mut sub = nc.subscribe("stop.second").await.unwrap();
-    nc.flush().await.unwrap();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let counter = seen.clone();
-    tokio::spawn(async move {
-        while sub.next().await.is_some() {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    // A subscriber that never answers within the drain: requests stay in flight.
+    let seen = observe(&nc, "stop.second").await;
     let dir = tempfile::tempdir().unwrap();
     let mut router = start(&write_config(
         dir.path(),

@@ -95,7 +95,7 @@ async fn sigterm_drains_in_flight_requests_and_persists_health() {
         let v: Value = serde_json::from_slice(&msg.payload).unwrap();
         assert_eq!(v["ok"], true, "{v}");
     }
-    let status = router.terminate();
+    let status = router.wait_exit();
     assert!(status.success(), "exit {status:?}");
     assert!(stopping.elapsed() < Duration::from_secs(30));
     let successes: i64 = sqlx::query_scalar(

@@ -193,6 +193,12 @@ impl Router {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_exit()
+    }
+
+    /// Waits for a router that was already signalled to exit (a second SIGTERM would
+    /// make it exit at once, non-zero).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         // The router drains for up to 30 s, then persists health.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

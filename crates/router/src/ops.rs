@@ -192,13 +192,15 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
     let mut warnings: Vec<String> = Vec::new();
     let (value, view) = match command {
         Command::Registry(g) => match g.command {
-            RegistryCmd::Status => {
-                let r = admin
-                    .client
-                    .get_registry_status(admin.req(proto::Empty {}))
-                    .await?;
-                return crate::registry_check::status(client.output, &json_of(r));
-            }
+            RegistryCmd::Status => (
+                json_of(
+                    admin
+                        .client
+                        .get_registry_status(admin.req(proto::Empty {}))
+                        .await?,
+                ),
+                View::Quarantine,
+            ),
             RegistryCmd::TestConnection => (
                 json_of(
                     admin
@@ -208,13 +210,15 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 ),
                 View::Fields,
             ),
-            RegistryCmd::Reload => {
-                let r = admin
-                    .client
-                    .reload_registry(admin.req(proto::Empty {}))
-                    .await?;
-                return crate::registry_check::status(client.output, &json_of(r));
-            }
+            RegistryCmd::Reload => (
+                json_of(
+                    admin
+                        .client
+                        .reload_registry(admin.req(proto::Empty {}))
+                        .await?,
+                ),
+                View::Quarantine,
+            ),
             RegistryCmd::Validate => {
                 let r = admin
                     .client
@@ -662,6 +666,9 @@ pub(crate) fn render_fields(v: &Value) -> String {
 /// How to show a result to a person.
 #[derive(Clone, Copy)]
 pub enum View {
+    /// `key  value` lines, then the quarantined records as a table (`registry
+    /// status`, `registry reload`).
+    Quarantine,
     /// `key  value` lines.
     Fields,
     /// A table with these columns.
@@ -728,6 +735,7 @@ pub fn render_columns(rows: &Value, cols: &[&str]) -> String {
 
 pub fn render(v: &Value, view: View) -> String {
     match (view, v) {
+        (View::Quarantine, _) => crate::registry_check::status_table(v),
         (View::Table(cols), rows @ Value::Array(_)) => render_columns(rows, cols),
         (View::Written(key), Value::Object(m)) => {
             let mut out = String::new();

@@ -25,26 +25,21 @@ pub fn validate(output: Output, v: &Value) -> anyhow::Result<()> {
     }
 }
 
-/// Prints a `GetRegistryStatus` or `ReloadRegistry` answer: the fields, then each
-/// quarantined record.
-pub fn status(output: Output, v: &Value) -> anyhow::Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
-        Output::Table => {
-            let mut fields = v.clone();
-            let quarantined = fields
-                .as_object_mut()
-                .and_then(|m| m.remove("quarantined"))
-                .and_then(|q| q.as_array().cloned())
-                .unwrap_or_default();
-            print!("{}", crate::ops::render_fields(&fields));
-            println!("quarantined  {}", quarantined.len());
-            if !quarantined.is_empty() {
-                print!("{}", quarantine_table(&quarantined, true));
-            }
-        }
+/// A `GetRegistryStatus` or `ReloadRegistry` answer for people: the fields, then
+/// each quarantined record.
+pub fn status_table(v: &Value) -> String {
+    let mut fields = v.clone();
+    let quarantined = fields
+        .as_object_mut()
+        .and_then(|m| m.remove("quarantined"))
+        .and_then(|q| q.as_array().cloned())
+        .unwrap_or_default();
+    let mut out = crate::ops::render_fields(&fields);
+    out.push_str(&format!("quarantined  {}\n", quarantined.len()));
+    if !quarantined.is_empty() {
+        out.push_str(&quarantine_table(&quarantined, true));
     }
-    Ok(())
+    out
 }
 
 /// Quarantined (or invalid) records: a table, then each full message.

@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
                 trace_id: "t-1".into(),
                 message_type: "chat".into(),
                 payload: "hello".into(),
+                payload_ref: None,
                 metadata: Default::default(),
             };
             let mut m = original.clone();

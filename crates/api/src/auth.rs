@@ -60,6 +60,10 @@ pub struct AdminConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     /// Whether `Router/Decide` needs a key too (any role).
     pub decide_requires_key: bool,
+    /// Whether the original's read-only admin NATS subjects
+    /// (`beamline.router.v1.admin.*`) need a key (any role), sent in a NATS header
+    /// (`x-api-key` or `authorization`).
+    pub nats_requires_key: bool,
 }
 
 impl AdminConfig {
@@ -164,22 +168,46 @@ impl Authenticator {
         }
     }
 
-    fn presented(metadata: &MetadataMap) -> Option<String> {
-        if let Some(v) = metadata.get("x-api-key").and_then(|v| v.to_str().ok()) {
+    /// The key a caller sent: `x-api-key: KEY`, `authorization: Bearer KEY`, or — as
+    /// the original accepted — a bare `authorization: KEY`. `header` looks a header up
+    /// by its lowercase name (gRPC metadata, NATS headers).
+    fn presented<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
+        if let Some(v) = header("x-api-key") {
             return Some(v.trim().to_string());
         }
-        let auth = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())?;
-        let (scheme, token) = auth.trim().split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_string())
+        let auth = header("authorization")?.trim();
+        match auth.split_once(' ') {
+            Some((scheme, token)) => scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_string()),
+            None => Some(auth.to_string()),
+        }
     }
 
     /// Who is calling, if the key is valid.
     pub fn identify(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
-        let Some(key) = Self::presented(metadata).filter(|k| !k.is_empty()) else {
+        self.identify_key(Self::presented(|name| {
+            metadata.get(name).and_then(|v| v.to_str().ok())
+        }))
+    }
+
+    /// [`Authenticator::identify`] for a NATS request: the key in its headers.
+    pub fn identify_nats(&self, headers: Option<&async_nats::HeaderMap>) -> Result<Caller, Status> {
+        self.identify_key(Self::presented(|name| {
+            let h = headers?;
+            h.get(name)
+                .or_else(|| {
+                    // NATS header names keep the sender's case.
+                    h.iter()
+                        .find(|(k, _)| AsRef::<str>::as_ref(*k).eq_ignore_ascii_case(name))
+                        .and_then(|(_, v)| v.first())
+                })
+                .map(|v| v.as_str())
+        }))
+    }
+
+    fn identify_key(&self, presented: Option<String>) -> Result<Caller, Status> {
+        let Some(key) = presented.filter(|k| !k.is_empty()) else {
             return Err(Status::unauthenticated(
                 "missing API key: send `x-api-key: KEY` or `authorization: Bearer KEY`",
             ));
@@ -259,6 +287,7 @@ mod tests {
                 },
             ],
             decide_requires_key: false,
+            nats_requires_key: false,
         })
     }
 
@@ -299,6 +328,38 @@ mod tests {
             a.identify(&md(&[("authorization", "Basic xyz")]))
                 .unwrap_err()
                 .code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn a_bare_authorization_key_works_as_the_original_accepted() {
+        let a = auth();
+        assert_eq!(
+            a.identify(&md(&[("authorization", "viewer-key-1234567")]))
+                .unwrap()
+                .name,
+            "dev"
+        );
+        assert_eq!(
+            a.identify(&md(&[("authorization", "wrong-key-1234567")]))
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn nats_headers_carry_the_key_in_any_case() {
+        let a = auth();
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Authorization", "Bearer operator-key-123456");
+        assert_eq!(a.identify_nats(Some(&h)).unwrap().name, "ops");
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("x-api-key", "viewer-key-1234567");
+        assert_eq!(a.identify_nats(Some(&h)).unwrap().name, "dev");
+        assert_eq!(
+            a.identify_nats(None).unwrap_err().code(),
             tonic::Code::Unauthenticated
         );
     }

@@ -3,6 +3,7 @@
 //! - [`proto`]: the generated `beamline.flow.v1` types and services.
 //! - [`router_service`]: gRPC `Router/Decide`.
 //! - [`nats_intake`]: NATS `beamline.router.v1.decide` (the original's JSON contract).
+//! - [`nats_admin`]: the original's admin NATS subjects `beamline.router.v1.admin.*`.
 //! - [`grpc`]: the gRPC server: services, `grpc.health.v1`, reflection, graceful stop.
 //!
 //! Both intakes turn their request into one [`beamline_pipeline::DecideRequest`] and
@@ -14,6 +15,7 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod metrics;
+pub mod nats_admin;
 pub mod nats_intake;
 pub mod router_service;
 

@@ -78,6 +78,7 @@ struct EventFamilies {
     lb_selection_total: IntCounterVec,
     payload_too_large_total: IntCounterVec,
     retry_limit_exceeded_total: IntCounterVec,
+    decide_default_reply_total: prometheus::IntCounter,
 }
 
 struct StateFamilies {
@@ -182,6 +183,16 @@ impl Metrics {
                 "Calls that used every retry and still failed.",
                 &["extension_id"],
             ),
+            decide_default_reply_total: {
+                let c = prometheus::IntCounter::new(
+                    "router_decide_default_reply_total",
+                    "NATS intake requests without a reply subject, answered on the default reply subject.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
         };
         let state = StateFamilies {
             breaker_state: int_gauge(
@@ -434,6 +445,10 @@ impl Observer for MetricsObserver {
             .retry_limit_exceeded_total
             .with_label_values(&[extension_id])
             .inc();
+    }
+
+    fn decide_reply_defaulted(&self) {
+        self.0.events.decide_default_reply_total.inc();
     }
 }
 

@@ -9,12 +9,26 @@ use tonic::{Request, Response, Status};
 use crate::proto;
 use crate::proto::router_server::Router;
 
+/// How pipeline failures map to gRPC status codes (`[grpc] status_codes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatusCodes {
+    /// gRPC's guidance: UNAVAILABLE (and DEADLINE_EXCEEDED) only where a retry of the
+    /// same call can succeed, so clients that retry those retry nothing else.
+    #[default]
+    Grpc,
+    /// As the original router: INTERNAL for every pipeline failure, INVALID_ARGUMENT
+    /// and NOT_FOUND aside, for callers that depend on it.
+    Original,
+}
+
 /// The Router service over a pipeline.
 #[derive(Clone)]
 pub struct RouterService {
     pipeline: Pipeline,
     /// Set when `[admin] decide_requires_key`: Decide then needs a key of any role.
     auth: Option<std::sync::Arc<crate::auth::Authenticator>>,
+    status_codes: StatusCodes,
 }
 
 impl RouterService {
@@ -22,6 +36,7 @@ impl RouterService {
         RouterService {
             pipeline,
             auth: None,
+            status_codes: StatusCodes::default(),
         }
     }
 
@@ -30,24 +45,53 @@ impl RouterService {
         self.auth = Some(auth);
         self
     }
+
+    /// Chooses how failures map to status codes.
+    pub fn with_status_codes(mut self, status_codes: StatusCodes) -> RouterService {
+        self.status_codes = status_codes;
+        self
+    }
+}
+
+/// The gRPC code of a pipeline error (docs/PIPELINE.md has the table).
+pub fn grpc_code(e: &DecideError, mode: StatusCodes) -> tonic::Code {
+    use tonic::Code;
+    match (e.code, mode) {
+        (ErrorCode::InvalidRequest, _) => Code::InvalidArgument,
+        (ErrorCode::PolicyNotFound | ErrorCode::ExtensionNotFound, _) => Code::NotFound,
+        (_, StatusCodes::Original) => Code::Internal,
+        (ErrorCode::ValidatorBlocked, _) => Code::FailedPrecondition,
+        (ErrorCode::ExtensionTimeout | ErrorCode::DeadlineExceeded, _) => Code::DeadlineExceeded,
+        (ErrorCode::ExtensionUnavailable, _) => Code::Unavailable,
+        // No provider answered: a retry helps when they were out of reach, not when
+        // the policy has none or the one it called answered an error.
+        (ErrorCode::DecisionFailed, _) => match e.details.get("cause").and_then(Value::as_str) {
+            Some("extension_unavailable" | "extension_timeout" | "deadline_exceeded") => {
+                Code::Unavailable
+            }
+            Some("no_providers" | "extension_not_found" | "invalid_request") => {
+                Code::FailedPrecondition
+            }
+            _ => Code::Internal,
+        },
+        // An extension answered with an error or garbage: the same request fails the
+        // same way again.
+        (
+            ErrorCode::PreProcessorFailed
+            | ErrorCode::PostProcessorFailed
+            | ErrorCode::ExtensionError
+            | ErrorCode::InvalidResponseFormat
+            | ErrorCode::Internal,
+            _,
+        ) => Code::Internal,
+    }
 }
 
 /// The gRPC status for a pipeline error: the message starts with the error code, and
-/// the code is also in the `x-beamline-error-code` trailer for programs.
-pub fn status_of(e: &DecideError) -> Status {
-    let code = match e.code {
-        ErrorCode::InvalidRequest => tonic::Code::InvalidArgument,
-        ErrorCode::PolicyNotFound | ErrorCode::ExtensionNotFound => tonic::Code::NotFound,
-        ErrorCode::ValidatorBlocked => tonic::Code::FailedPrecondition,
-        ErrorCode::ExtensionTimeout | ErrorCode::DeadlineExceeded => tonic::Code::DeadlineExceeded,
-        ErrorCode::ExtensionUnavailable | ErrorCode::DecisionFailed => tonic::Code::Unavailable,
-        ErrorCode::PreProcessorFailed
-        | ErrorCode::PostProcessorFailed
-        | ErrorCode::ExtensionError
-        | ErrorCode::InvalidResponseFormat => tonic::Code::Aborted,
-        ErrorCode::Internal => tonic::Code::Internal,
-    };
-    let mut status = Status::new(code, format!("{}: {}", e.code, e.message));
+/// the code is also in the `x-beamline-error-code` trailer for programs, whatever
+/// the status code.
+pub fn status_of(e: &DecideError, mode: StatusCodes) -> Status {
+    let mut status = Status::new(grpc_code(e, mode), format!("{}: {}", e.code, e.message));
     if let Ok(v) = e.code.as_str().parse() {
         status.metadata_mut().insert("x-beamline-error-code", v);
     }
@@ -55,12 +99,13 @@ pub fn status_of(e: &DecideError) -> Status {
 }
 
 fn invalid(message: impl Into<String>) -> Status {
-    status_of(&DecideError {
+    let e = DecideError {
         code: ErrorCode::InvalidRequest,
         message: message.into(),
         details: Map::new(),
         executed_extensions: Vec::new(),
-    })
+    };
+    status_of(&e, StatusCodes::default())
 }
 
 /// Converts the wire request; the payload must be UTF-8 text.
@@ -97,6 +142,7 @@ pub fn decide_request(req: proto::RouteRequest) -> Result<DecideRequest, Status>
             trace_id,
             message_type: m.message_type,
             payload: payload.into(),
+            payload_ref: None,
             metadata: m
                 .metadata
                 .into_iter()
@@ -143,8 +189,8 @@ fn executed_to_wire(steps: Vec<ExecutedExtension>) -> Vec<proto::ExecutedExtensi
 }
 
 /// [`status_of`] plus the [`EXECUTED_TRAILER`] with the steps that ran.
-pub fn status_with_steps(e: DecideError) -> Status {
-    let mut status = status_of(&e);
+pub fn status_with_steps(e: DecideError, mode: StatusCodes) -> Status {
+    let mut status = status_of(&e, mode);
     if !e.executed_extensions.is_empty() {
         let steps = proto::RouteDecision {
             executed_extensions: executed_to_wire(e.executed_extensions),
@@ -222,12 +268,138 @@ impl Router for RouterService {
         match self.pipeline.decide(req).await {
             Ok(d) => Ok(Response::new(route_decision(d))),
             Err(e) => {
-                let mut status = status_with_steps(e);
+                let mut status = status_with_steps(e, self.status_codes);
                 if let Ok(v) = trace_id.parse() {
                     status.metadata_mut().insert("x-beamline-trace-id", v);
                 }
                 Err(status)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn error(code: ErrorCode, cause: Option<&str>) -> DecideError {
+        let mut details = Map::new();
+        if let Some(c) = cause {
+            details.insert("cause".into(), Value::String(c.into()));
+        }
+        DecideError {
+            code,
+            message: "m".into(),
+            details,
+            executed_extensions: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_error_code_has_its_status_in_both_modes() {
+        use ErrorCode as E;
+        // (code, cause, gRPC guidance, original)
+        let table = [
+            (
+                E::InvalidRequest,
+                None,
+                Code::InvalidArgument,
+                Code::InvalidArgument,
+            ),
+            (E::PolicyNotFound, None, Code::NotFound, Code::NotFound),
+            (E::ExtensionNotFound, None, Code::NotFound, Code::NotFound),
+            (
+                E::ValidatorBlocked,
+                Some("rejected"),
+                Code::FailedPrecondition,
+                Code::Internal,
+            ),
+            (
+                E::ExtensionTimeout,
+                None,
+                Code::DeadlineExceeded,
+                Code::Internal,
+            ),
+            (
+                E::DeadlineExceeded,
+                None,
+                Code::DeadlineExceeded,
+                Code::Internal,
+            ),
+            (
+                E::ExtensionUnavailable,
+                None,
+                Code::Unavailable,
+                Code::Internal,
+            ),
+            (
+                E::DecisionFailed,
+                Some("extension_unavailable"),
+                Code::Unavailable,
+                Code::Internal,
+            ),
+            (
+                E::DecisionFailed,
+                Some("extension_timeout"),
+                Code::Unavailable,
+                Code::Internal,
+            ),
+            (
+                E::DecisionFailed,
+                Some("no_providers"),
+                Code::FailedPrecondition,
+                Code::Internal,
+            ),
+            (
+                E::DecisionFailed,
+                Some("extension_error"),
+                Code::Internal,
+                Code::Internal,
+            ),
+            (E::PreProcessorFailed, None, Code::Internal, Code::Internal),
+            (E::PostProcessorFailed, None, Code::Internal, Code::Internal),
+            (E::ExtensionError, None, Code::Internal, Code::Internal),
+            (
+                E::InvalidResponseFormat,
+                None,
+                Code::Internal,
+                Code::Internal,
+            ),
+            (E::Internal, None, Code::Internal, Code::Internal),
+        ];
+        for code in ErrorCode::ALL {
+            assert!(table.iter().any(|t| t.0 == code), "{code} is in the table");
+        }
+        for (code, cause, grpc, original) in table {
+            let e = error(code, cause);
+            for (mode, expected) in [(StatusCodes::Grpc, grpc), (StatusCodes::Original, original)] {
+                let s = status_of(&e, mode);
+                assert_eq!(s.code(), expected, "{code} ({cause:?}) in {mode:?}");
+                assert!(
+                    s.message().starts_with(&format!("{code}: ")),
+                    "{}",
+                    s.message()
+                );
+                assert_eq!(
+                    s.metadata()
+                        .get("x-beamline-error-code")
+                        .unwrap()
+                        .to_str()
+                        .unwrap(),
+                    code.as_str()
+                );
+            }
+        }
+        // Nothing a retry cannot fix is UNAVAILABLE or ABORTED (what retrying clients retry).
+        for (code, cause, grpc, _) in table {
+            if matches!(grpc, Code::Unavailable) {
+                assert!(
+                    code == E::ExtensionUnavailable || cause.is_some_and(|c| c != "no_providers"),
+                    "{code}"
+                );
+            }
+            assert_ne!(grpc, Code::Aborted);
         }
     }
 }

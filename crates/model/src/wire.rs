@@ -37,6 +37,11 @@ pub struct Message {
     pub message_type: String,
     #[serde(default)]
     pub payload: Payload,
+    /// Where the content is kept instead (the original's `task.payload_ref`), when
+    /// the caller sent a reference rather than the content: passed to extensions as
+    /// it came, and not theirs to change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_ref: Option<Value>,
     #[serde(default)]
     pub metadata: Map<String, Value>,
 }
@@ -63,6 +68,14 @@ impl Payload {
         match self {
             Payload::Text(s) => Some(s),
             Payload::Json(_) => None,
+        }
+    }
+
+    /// The JSON, when the payload is not text.
+    pub fn as_json(&self) -> Option<&Value> {
+        match self {
+            Payload::Text(_) => None,
+            Payload::Json(v) => Some(v),
         }
     }
 

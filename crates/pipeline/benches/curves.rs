@@ -123,6 +123,7 @@ fn request(policy: &str) -> DecideRequest {
             trace_id: "t".into(),
             message_type: "chat".into(),
             payload: "hello world".into(),
+            payload_ref: None,
             metadata: Map::new(),
         },
         policy_id: policy.into(),

@@ -134,6 +134,7 @@ fn request(text: &str, policy: &str) -> DecideRequest {
             trace_id: "t".into(),
             message_type: "chat".into(),
             payload: text.into(),
+            payload_ref: None,
             metadata: Map::new(),
         },
         policy_id: policy.into(),

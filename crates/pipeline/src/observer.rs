@@ -31,6 +31,9 @@ pub trait Observer: Send + Sync {
     fn instance_selected(&self, _extension_id: &str, _instance_id: &str) {}
     fn payload_too_large(&self, _extension_id: &str) {}
     fn retry_limit_exceeded(&self, _extension_id: &str) {}
+    /// A Decide came on the NATS intake without a reply subject and is answered on
+    /// the default reply subject.
+    fn decide_reply_defaulted(&self) {}
 }
 
 /// Reports nothing.

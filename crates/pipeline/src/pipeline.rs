@@ -138,6 +138,11 @@ impl Pipeline {
         &self.inner.runtime
     }
 
+    /// Where the pipeline reports what it does; the intakes report through it too.
+    pub fn observer(&self) -> &dyn Observer {
+        &*self.inner.observer
+    }
+
     pub fn nats(&self) -> &async_nats::Client {
         self.inner.invoker.client()
     }

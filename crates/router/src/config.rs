@@ -74,12 +74,16 @@ impl ServerConfig {
 pub struct NatsConfig {
     /// `nats://host:port`; credentials in the URL are redacted when printed.
     pub url: SecretUrl,
+    /// Where a Decide that came without a reply subject is answered (the original's
+    /// callers listen on `beamline.router.v1.decide.reply`).
+    pub decide_reply_subject: String,
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
             url: SecretUrl::new("nats://127.0.0.1:4222"),
+            decide_reply_subject: beamline_api::nats_intake::DEFAULT_REPLY_SUBJECT.to_string(),
         }
     }
 }
@@ -95,6 +99,10 @@ pub struct GrpcConfig {
     pub tls_key_file: Option<PathBuf>,
     /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
     pub tls_client_ca_file: Option<PathBuf>,
+    /// How Decide's failures map to status codes: `grpc` (gRPC's guidance: only what
+    /// a retry can fix is UNAVAILABLE) or `original` (INTERNAL for every pipeline
+    /// failure, as the original router answered).
+    pub status_codes: beamline_api::router_service::StatusCodes,
 }
 
 impl Default for GrpcConfig {
@@ -104,6 +112,7 @@ impl Default for GrpcConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
+            status_codes: Default::default(),
         }
     }
 }
@@ -297,6 +306,8 @@ impl Config {
                 ),
             ));
         }
+        beamline_model::subject::check_subject(&self.nats.decide_reply_subject)
+            .map_err(|reason| ("nats.decide_reply_subject".to_string(), reason))?;
         self.circuit_breaker
             .validate()
             .map_err(|(k, m)| (format!("circuit_breaker.{k}"), m))?;

@@ -67,6 +67,8 @@ struct Running {
     /// Stops the health persister, after the drain.
     persist_stop: CancellationToken,
     intake: JoinHandle<Result<(), async_nats::Error>>,
+    /// The original's admin NATS subjects; stops with the intake.
+    nats_admin: JoinHandle<Result<(), async_nats::Error>>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
     readiness: JoinHandle<()>,
@@ -169,7 +171,8 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
         RouterService::new(pipeline.clone()).with_auth(auth.clone())
     } else {
         RouterService::new(pipeline.clone())
-    };
+    }
+    .with_status_codes(config.grpc.status_codes);
     let grpc = tokio::spawn(beamline_api::grpc::serve(
         listener,
         router_service,
@@ -217,6 +220,10 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
     };
     let intake = {
         let (pipeline, nats, shutdown) = (pipeline.clone(), nats.clone(), shutdown.clone());
+        let intake_options = beamline_api::nats_intake::IntakeOptions {
+            max_in_flight: INTAKE_MAX_IN_FLIGHT,
+            default_reply_subject: config.nats.decide_reply_subject.clone(),
+        };
         tokio::spawn(async move {
             let sub = match intake_sub {
                 Some(sub) => sub,
@@ -230,10 +237,39 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
                 pipeline,
                 nats,
                 sub,
-                INTAKE_MAX_IN_FLIGHT,
+                intake_options,
                 shutdown,
             )
             .await
+        })
+    };
+    // The original's admin subjects, subscribed the same way.
+    let admin_subs = match tokio::time::timeout(
+        Duration::from_secs(5),
+        beamline_api::nats_admin::subscribe(&nats),
+    )
+    .await
+    {
+        Ok(Ok(subs)) => Some(subs),
+        Ok(Err(e)) => anyhow::bail!("cannot subscribe to the admin NATS subjects: {e}"),
+        Err(_) => None,
+    };
+    let nats_admin = {
+        let mut admin = beamline_api::nats_admin::NatsAdmin::new(pipeline.clone());
+        if config.admin.nats_requires_key {
+            admin = admin.with_auth(auth.clone());
+        }
+        let (nats, shutdown) = (nats.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let subs = match admin_subs {
+                Some(subs) => subs,
+                None => tokio::select! {
+                    r = beamline_api::nats_admin::subscribe(&nats) => r?,
+                    () = shutdown.cancelled() => return Ok(()),
+                },
+            };
+            beamline_api::nats_admin::serve(admin, nats, subs, shutdown).await;
+            Ok(())
         })
     };
 
@@ -268,6 +304,7 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
         http_stop,
         persist_stop,
         intake,
+        nats_admin,
         grpc,
         http,
         readiness,
@@ -301,6 +338,7 @@ impl Running {
         self.sync.abort();
         let drain = async {
             let _ = (&mut self.intake).await;
+            let _ = (&mut self.nats_admin).await;
             let _ = (&mut self.grpc).await;
         };
         if tokio::time::timeout(drain_timeout, drain).await.is_err() {
@@ -310,6 +348,7 @@ impl Running {
             );
         }
         self.intake.abort();
+        self.nats_admin.abort();
         self.grpc.abort();
         self.readiness.abort();
 

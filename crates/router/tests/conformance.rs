@@ -98,11 +98,14 @@ fn start_extension(file: &str, nats_url: &str, modules: &Path) -> NodeExtension 
 /// policy for tenant acme that calls the provider's extension and both post steps.
 const SETUP_SQL: &str = r#"
 INSERT INTO extensions (id, type, subject, timeout_ms, retry, enabled, config, metadata) VALUES
- ('sign_answer', 'post', 'beamline.ext.post.sign_answer.v1', 150, 0, true, '{}', '{}');
+ ('sign_answer', 'post', 'beamline.ext.post.sign_answer.v1', 150, 0, true, '{}', '{}'),
+ ('enrich_object', 'pre', 'beamline.ext.pre.enrich_object.v1', 150, 0, true, '{}', '{}');
 -- Node's first calls may be slow on a busy machine: the runbook's way to raise timeouts.
 UPDATE extensions SET timeout_ms = 5000;
 INSERT INTO policies (tenant_id, policy_id, policy) VALUES
- ('acme', 'default', '{"providers": [{"name": "test_provider", "weight": 100, "extension": "test_provider", "parameters": {"max_tokens": 512}}], "pre": [{"id": "normalize_text", "mode": "required"}], "validators": [{"id": "pii_guard", "on_fail": "block"}], "post": [{"id": "mask_pii", "mode": "required"}, {"id": "sign_answer", "mode": "required"}]}');
+ ('acme', 'default', '{"providers": [{"name": "test_provider", "weight": 100, "extension": "test_provider", "parameters": {"max_tokens": 512}}], "pre": [{"id": "normalize_text", "mode": "required"}], "validators": [{"id": "pii_guard", "on_fail": "block"}], "post": [{"id": "mask_pii", "mode": "required"}, {"id": "sign_answer", "mode": "required"}]}'),
+-- Decision-only routing (no provider extension): post runs on the message.
+ ('objects', 'default', '{"providers": [{"name": "upstream", "weight": 100}], "pre": [{"id": "normalize_text"}, {"id": "enrich_object"}], "validators": [{"id": "pii_guard"}], "post": [{"id": "mask_pii"}]}');
 "#;
 
 fn grpc_request(text: &str) -> proto::RouteRequest {
@@ -141,44 +144,71 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn extensions_written_for_the_original_work_unchanged_through_both_intakes() {
+/// The original's seed plus [`SETUP_SQL`] in a fresh database, every conformance
+/// extension running, and the real binary serving both intakes.
+struct Setup {
+    router: Router,
+    nats: NatsServer,
+    _extensions: Vec<NodeExtension>,
+    _db: beamline_test_support::TestDatabase,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
     let modules = node_modules();
     let nats = NatsServer::start();
     let db = migrated_database().await;
     let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
     sqlx::raw_sql(SEED).execute(&pool).await.unwrap();
     sqlx::raw_sql(SETUP_SQL).execute(&pool).await.unwrap();
-    let _extensions: Vec<NodeExtension> = [
+    let extensions = [
         "normalize_text.js",
         "pii_guard.js",
         "test_provider.js",
         "mask_pii.js",
         "sign_answer.js",
+        "enrich_object.js",
     ]
     .into_iter()
     .map(|f| start_extension(f, &nats.url(), &modules))
     .collect();
     let dir = tempfile::tempdir().unwrap();
     let router = start(&write_config(dir.path(), db.url(), &nats.url(), ""));
+    Setup {
+        router,
+        nats,
+        _extensions: extensions,
+        _db: db,
+        _dir: dir,
+    }
+}
+
+/// Asks the NATS intake, waiting 30 s at most.
+async fn ask(nc: &async_nats::Client, body: Value) -> Value {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(30),
+        nc.request(
+            "beamline.router.v1.decide",
+            serde_json::to_vec(&body).unwrap().into(),
+        ),
+    )
+    .await
+    .expect("intake answered within 30 s")
+    .expect("intake reply");
+    serde_json::from_slice::<Value>(&msg.payload).unwrap()
+}
+
+#[tokio::test]
+async fn extensions_written_for_the_original_work_unchanged_through_both_intakes() {
+    // Bound whole: the extensions and the database live as long as the test.
+    let s = setup().await;
+    let (router, nats) = (&s.router, &s.nats);
 
     // The NATS intake, the original's JSON contract, no trace id sent.
     let nc = async_nats::connect(nats.url()).await.unwrap();
     let ask = |body: Value| {
         let nc = nc.clone();
-        async move {
-            let msg = tokio::time::timeout(
-                Duration::from_secs(30),
-                nc.request(
-                    "beamline.router.v1.decide",
-                    serde_json::to_vec(&body).unwrap().into(),
-                ),
-            )
-            .await
-            .expect("intake answered within 30 s")
-            .expect("intake reply");
-            serde_json::from_slice::<Value>(&msg.payload).unwrap()
-        }
+        async move { ask(&nc, body).await }
     };
     let ok = ask(
         json!({"version": "1", "request_id": "r-1", "tenant_id": "acme",
@@ -308,5 +338,66 @@ async fn extensions_written_for_the_original_work_unchanged_through_both_intakes
         Some("validator_blocked")
     );
     assert!(err.metadata().get("x-beamline-trace-id").is_some());
-    drop(router);
+    drop(s);
+}
+
+#[tokio::test]
+async fn object_payloads_and_payload_refs_through_a_node_pre_processor_and_back() {
+    let s = setup().await;
+    let nc = async_nats::connect(s.nats.url()).await.unwrap();
+    let ok = ask(
+        &nc,
+        json!({"version": "1", "request_id": "o-1", "tenant_id": "objects",
+               "task": {"type": "chat", "payload": {"text": "  Hi There  ", "items": [1, 2]}}}),
+    )
+    .await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert_eq!(
+        ok["decision"]["message"]["payload"],
+        json!({"text": "  Hi There  ", "items": [1, 2], "enriched_by": "enrich_object"}),
+        "the object reached the Node pre-processor as an object and came back as one \
+         (normalize_text, text only, passed it through): {ok}"
+    );
+    assert_eq!(
+        statuses(&ok["decision"]["executed_extensions"]),
+        pairs(&[
+            ("normalize_text", "ok"),
+            ("enrich_object", "ok"),
+            ("pii_guard", "ok"),
+            ("mask_pii", "ok"),
+        ])
+    );
+
+    let ok = ask(
+        &nc,
+        json!({"version": "1", "request_id": "o-2", "tenant_id": "objects",
+               "task": {"type": "chat", "payload_ref": "s3://bucket/object-1"}}),
+    )
+    .await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    let message = &ok["decision"]["message"];
+    assert_eq!(message["payload_ref"], "s3://bucket/object-1", "{ok}");
+    assert_eq!(
+        message["metadata"]["seen_payload_ref"], "s3://bucket/object-1",
+        "the extension got it untouched: {ok}"
+    );
+
+    // Limits apply to objects too: 60 keys is over the 50 a JSON object may have.
+    let big: serde_json::Map<String, Value> =
+        (0..60).map(|i| (format!("k{i}"), json!(i))).collect();
+    let e = ask(
+        &nc,
+        json!({"version": "1", "request_id": "o-3", "tenant_id": "objects",
+               "task": {"type": "chat", "payload": big}}),
+    )
+    .await;
+    assert_eq!(e["error"]["code"], "invalid_request", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("message.payload"),
+        "{e}"
+    );
+    drop(s);
 }

@@ -43,13 +43,26 @@ impl Pipeline {
             })
             .collect();
         if usable.is_empty() {
+            // Open breakers close again (a retry later can succeed); a policy without
+            // a weighted provider stays so until someone edits it.
+            let weighted = providers.iter().any(|p| p.weight > 0);
             return Err(DecideError::new(
                 ErrorCode::DecisionFailed,
                 if providers.is_empty() {
                     format!("policy '{}' has no providers", policy.policy_id)
-                } else {
-                    "no usable provider: every provider has weight 0 or an open circuit breaker"
+                } else if weighted {
+                    "no usable provider: every weighted provider's extension has an open circuit breaker"
                         .to_string()
+                } else {
+                    "no usable provider: every provider has weight 0".to_string()
+                },
+            )
+            .detail(
+                "cause",
+                if weighted {
+                    ErrorCode::ExtensionUnavailable.as_str()
+                } else {
+                    "no_providers"
                 },
             ));
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use beamline_model::policy::Policy;
-use beamline_model::wire::{Message, Payload};
+use beamline_model::wire::Message;
 use beamline_model::{ErrorCode, Limits};
 use beamline_registry::Snapshot;
 use serde_json::{Map, Value};
@@ -134,7 +134,12 @@ fn check_request_limits(
     message: &Message,
     context: &Map<String, Value>,
 ) -> Result<(), DecideError> {
-    let payload_len = message.payload.byte_len();
+    let payload_len = message.payload.byte_len().saturating_add(
+        message
+            .payload_ref
+            .as_ref()
+            .map_or(0, beamline_model::limits::json_len),
+    );
     if payload_len > l.max_payload_bytes {
         return Err(DecideError::new(
             ErrorCode::InvalidRequest,
@@ -145,14 +150,17 @@ fn check_request_limits(
         )
         .detail("limit", "max_payload_bytes"));
     }
-    if let Payload::Json(v) = &message.payload {
-        l.check_json_shape(v).map_err(|e| {
-            DecideError::new(
-                ErrorCode::InvalidRequest,
-                format!("message.payload: {}", e.reason),
-            )
-            .detail("limit", "json_shape")
-        })?;
+    let json_parts = [
+        ("message.payload", message.payload.as_json()),
+        ("message.payload_ref", message.payload_ref.as_ref()),
+    ];
+    for (what, value) in json_parts {
+        if let Some(v) = value {
+            l.check_json_shape(v).map_err(|e| {
+                DecideError::new(ErrorCode::InvalidRequest, format!("{what}: {}", e.reason))
+                    .detail("limit", "json_shape")
+            })?;
+        }
     }
     let meta = beamline_model::limits::json_len(&message.metadata)
         .saturating_add(beamline_model::limits::json_len(context));

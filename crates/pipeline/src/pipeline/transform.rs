@@ -53,6 +53,7 @@ impl Pipeline {
             trace_id: state.message.trace_id.clone(),
             message_type: state.message.message_type.clone(),
             payload: Payload::from_value(output).unwrap_or_default(),
+            payload_ref: None,
             metadata,
         };
         let request = std::mem::replace(&mut state.message, answer_message);

@@ -163,6 +163,7 @@ impl Harness {
                 trace_id: "trace-1".into(),
                 message_type: "chat".into(),
                 payload: text.into(),
+                payload_ref: None,
                 metadata: Map::new(),
             },
             policy_id: String::new(),

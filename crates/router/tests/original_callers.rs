@@ -1,0 +1,405 @@
+//! The original's callers against the real binary (REFERENCE.md §3b): its admin NATS
+//! subjects, a Decide published without a reply subject, bare `authorization`, and
+//! the gRPC status codes in both `[grpc] status_codes` modes. Each router runs
+//! `serve --demo` (the reference extensions in-process) on a nats-server of its own.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use beamline_api::proto;
+use beamline_api::proto::router_admin_client::RouterAdminClient;
+use beamline_api::proto::router_client::RouterClient;
+use beamline_test_support::NatsServer;
+use common::*;
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+
+/// The router's config; `nats_keys` and `grpc_keys` go into those tables, `extra`
+/// at the end.
+fn config(
+    dir: &std::path::Path,
+    nats: &NatsServer,
+    nats_keys: &str,
+    grpc_keys: &str,
+    extra: &str,
+) -> PathBuf {
+    let path = dir.join("router.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[nats]
+url = "{nats}"
+{nats_keys}
+
+[grpc]
+listen = "127.0.0.1:0"
+{grpc_keys}
+
+[http]
+listen = "127.0.0.1:0"
+
+[log]
+format = "json"
+level = "info"
+
+[[admin.api_keys]]
+name = "vera-viewer"
+role = "viewer"
+key = "{VIEWER_KEY}"
+{extra}
+"#,
+            nats = nats.url()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start_demo(config: &std::path::Path) -> Router {
+    let mut command = bin();
+    command.args(["serve", "--demo", "--config"]).arg(config);
+    start_command(command)
+}
+
+/// A NATS request with a bounded wait; the reply as JSON.
+async fn ask(
+    nc: &async_nats::Client,
+    subject: &str,
+    headers: Option<async_nats::HeaderMap>,
+    body: &str,
+) -> Value {
+    let request = async_nats::Request::new()
+        .payload(body.to_string().into())
+        .timeout(Some(Duration::from_secs(10)));
+    let request = match headers {
+        Some(h) => request.headers(h),
+        None => request,
+    };
+    let msg = tokio::time::timeout(
+        Duration::from_secs(15),
+        nc.send_request(subject.to_string(), request),
+    )
+    .await
+    .expect("answered within 15 s")
+    .unwrap_or_else(|e| panic!("{subject}: {e}"));
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
+fn decide(tenant: &str, text: &str) -> proto::RouteRequest {
+    proto::RouteRequest {
+        message: Some(proto::Message {
+            tenant_id: tenant.into(),
+            message_type: "chat".into(),
+            payload: text.as_bytes().to_vec(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_admin_subjects_answer_in_the_originals_shapes() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_demo(&config(dir.path(), &nats, "", "", ""));
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+
+    // Some traffic first, so health has something to say.
+    let mut grpc = RouterClient::connect(router.addr.clone()).await.unwrap();
+    grpc.decide(decide("acme", "hello")).await.expect("decide");
+
+    let h = ask(
+        &nc,
+        "beamline.router.v1.admin.get_extension_health",
+        None,
+        "",
+    )
+    .await;
+    let health = h["health"].as_object().expect("{health: {...}}");
+    assert_eq!(
+        health.keys().collect::<Vec<_>>(),
+        vec!["mask_pii", "normalize_text", "pii_guard", "test_provider"],
+        "{h}"
+    );
+    let n = &health["normalize_text"];
+    assert_eq!(n["status"], "healthy", "{n}");
+    assert_eq!(n["success_count"], 1, "{n}");
+    assert_eq!(n["circuit_breaker_state"], "closed", "{n}");
+
+    let s = ask(
+        &nc,
+        "beamline.router.v1.admin.get_circuit_breaker_states",
+        None,
+        "{}",
+    )
+    .await;
+    assert_eq!(s["states"]["pii_guard"], "closed", "{s}");
+    assert_eq!(s["states"].as_object().unwrap().len(), 4, "{s}");
+
+    // A dry run invokes nothing.
+    let before = ask(
+        &nc,
+        "beamline.router.v1.admin.get_extension_health",
+        None,
+        "",
+    )
+    .await;
+    let d = ask(
+        &nc,
+        "beamline.router.v1.admin.dry_run_pipeline",
+        None,
+        r#"{"tenant_id": "acme", "policy_id": "default", "payload": "  hi  "}"#,
+    )
+    .await;
+    assert_eq!(d["ok"], true, "{d}");
+    assert_eq!(
+        d["result"]["decision"],
+        json!({"provider_id": "test_provider", "reason": "weighted", "priority": 50}),
+        "{d}"
+    );
+    assert_eq!(d["result"]["final_payload"], "  hi  ", "nothing ran: {d}");
+    let steps = d["result"]["executed_extensions"].as_array().unwrap();
+    assert_eq!(steps.len(), 4, "{d}");
+    assert!(steps.iter().all(|s| s["status"] == "skipped"), "{d}");
+    let after = ask(
+        &nc,
+        "beamline.router.v1.admin.get_extension_health",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(
+        before["health"]["normalize_text"]["success_count"],
+        after["health"]["normalize_text"]["success_count"],
+        "the dry run called nobody"
+    );
+    // An object payload stays an object.
+    let d = ask(
+        &nc,
+        "beamline.router.v1.admin.dry_run_pipeline",
+        None,
+        r#"{"tenant_id": "acme", "policy_id": "default", "payload": {"text": "hi"}}"#,
+    )
+    .await;
+    assert_eq!(d["result"]["final_payload"], json!({"text": "hi"}), "{d}");
+    let d = ask(
+        &nc,
+        "beamline.router.v1.admin.dry_run_pipeline",
+        None,
+        r#"{"tenant_id": "acme", "policy_id": "nope", "payload": "x"}"#,
+    )
+    .await;
+    assert_eq!(d["ok"], false, "{d}");
+    assert_eq!(d["error"]["code"], "POLICY_NOT_FOUND", "{d}");
+    let d = ask(
+        &nc,
+        "beamline.router.v1.admin.dry_run_pipeline",
+        None,
+        r#"{"tenant_id": "acme", "payload": "x"}"#,
+    )
+    .await;
+    assert_eq!(
+        d,
+        json!({"error": {"code": "INVALID_ARGUMENT", "message": "policy_id is required"}})
+    );
+
+    let c = ask(
+        &nc,
+        "beamline.router.v1.admin.get_pipeline_complexity",
+        None,
+        r#"{"tenant_id": "acme", "policy_id": "default"}"#,
+    )
+    .await;
+    assert_eq!(
+        c,
+        json!({"total_extensions": 3, "pre_count": 1, "validators_count": 1, "post_count": 1,
+               "complexity_score": 0.45, "complexity_level": "medium", "estimated_latency_ms": 90,
+               "recommended_limits": {"max_total": 4, "max_pre": 2, "max_validators": 2, "max_post": 2},
+               "warnings": [], "recommendations": []})
+    );
+    let c = ask(
+        &nc,
+        "beamline.router.v1.admin.get_pipeline_complexity",
+        None,
+        "not json",
+    )
+    .await;
+    assert_eq!(c["error"]["code"], "INVALID_ARGUMENT", "{c}");
+    let c = ask(
+        &nc,
+        "beamline.router.v1.admin.get_pipeline_complexity",
+        None,
+        r#"{"tenant_id": "acme", "policy_id": "nope"}"#,
+    )
+    .await;
+    assert_eq!(c["error"]["code"], "INVALID_ARGUMENT", "{c}");
+    assert!(
+        c["error"]["message"].as_str().unwrap().contains("'nope'"),
+        "{c}"
+    );
+    drop(router);
+}
+
+#[tokio::test]
+async fn a_decide_without_reply_subject_is_answered_on_the_reply_subject_and_counted() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_demo(&config(dir.path(), &nats, "", "", ""));
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let mut replies = nc
+        .subscribe("beamline.router.v1.decide.reply")
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    nc.publish(
+        "beamline.router.v1.decide",
+        r#"{"version": "1", "request_id": "fire-and-forget", "tenant_id": "acme",
+            "task": {"type": "chat", "payload": {"text": "  Hello  "}}}"#
+            .into(),
+    )
+    .await
+    .unwrap();
+    nc.flush().await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(15), replies.next())
+        .await
+        .expect("an answer on beamline.router.v1.decide.reply within 15 s")
+        .unwrap();
+    let reply: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["context"]["request_id"], "fire-and-forget");
+    assert_eq!(
+        reply["decision"]["message"]["payload"],
+        json!({"text": "  Hello  "}),
+        "an object payload stays an object (normalize_text handles text only): {reply}"
+    );
+    assert!(!reply.to_string().contains("null"), "no nulls: {reply}");
+    wait_until(10, "the default reply counted", async || {
+        http_get(&router.http, "/metrics")
+            .1
+            .lines()
+            .any(|l| l == "router_decide_default_reply_total 1")
+    })
+    .await;
+    drop(router);
+
+    // The subject is configurable.
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_demo(&config(
+        dir.path(),
+        &nats,
+        "decide_reply_subject = \"gateway.decide.replies\"",
+        "",
+        "",
+    ));
+    let mut replies = nc.subscribe("gateway.decide.replies").await.unwrap();
+    nc.flush().await.unwrap();
+    nc.publish(
+        "beamline.router.v1.decide",
+        r#"{"version": "1", "request_id": "r2", "tenant_id": "acme", "task": {"type": "chat", "payload": "x"}}"#.into(),
+    )
+    .await
+    .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(15), replies.next())
+        .await
+        .expect("an answer on the configured subject within 15 s")
+        .unwrap();
+    let reply: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(reply["context"]["request_id"], "r2", "{reply}");
+    drop(router);
+}
+
+#[tokio::test]
+async fn keys_for_the_admin_subjects_and_bare_authorization() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_demo(&config(
+        dir.path(),
+        &nats,
+        "",
+        "",
+        "\n[admin]\nnats_requires_key = true\n",
+    ));
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let subject = "beamline.router.v1.admin.get_circuit_breaker_states";
+    let e = ask(&nc, subject, None, "").await;
+    assert_eq!(e["error"]["code"], "UNAUTHENTICATED", "{e}");
+    let mut wrong = async_nats::HeaderMap::new();
+    wrong.insert("x-api-key", "not-a-key-at-all");
+    assert_eq!(
+        ask(&nc, subject, Some(wrong), "").await["error"]["code"],
+        "UNAUTHENTICATED"
+    );
+    for (name, value) in [
+        ("x-api-key", VIEWER_KEY.to_string()),
+        ("Authorization", format!("Bearer {VIEWER_KEY}")),
+        ("authorization", VIEWER_KEY.to_string()),
+    ] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(name, value.as_str());
+        let ok = ask(&nc, subject, Some(h), "").await;
+        assert!(ok["states"].is_object(), "{name}: {ok}");
+    }
+
+    // gRPC admin with a bare `authorization: KEY`, as the original accepted.
+    let channel = tonic::transport::Channel::from_shared(router.addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = RouterAdminClient::new(channel);
+    let mut req = tonic::Request::new(proto::GetValidatorsHealthRequest::default());
+    req.metadata_mut()
+        .insert("authorization", VIEWER_KEY.parse().unwrap());
+    admin
+        .get_validators_health(req)
+        .await
+        .expect("a bare key is accepted");
+    let mut req = tonic::Request::new(proto::GetValidatorsHealthRequest::default());
+    req.metadata_mut()
+        .insert("authorization", "wrong-key-0123456789".parse().unwrap());
+    assert_eq!(
+        admin.get_validators_health(req).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    drop(router);
+}
+
+#[tokio::test]
+async fn grpc_status_codes_in_both_modes() {
+    let nats = NatsServer::start();
+    for (grpc_keys, blocked, not_found) in [
+        ("", tonic::Code::FailedPrecondition, tonic::Code::NotFound),
+        (
+            "status_codes = \"original\"",
+            tonic::Code::Internal,
+            tonic::Code::NotFound,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = config(dir.path(), &nats, "", grpc_keys, "");
+        let router = start_demo(&path);
+        let mut grpc = RouterClient::connect(router.addr.clone()).await.unwrap();
+        let e = grpc
+            .decide(decide("acme", "mail me: jane@example.com"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), blocked, "{grpc_keys:?}: {}", e.message());
+        assert!(
+            e.message().starts_with("validator_blocked: "),
+            "{}",
+            e.message()
+        );
+        assert_eq!(
+            e.metadata().get("x-beamline-error-code").unwrap(),
+            "validator_blocked",
+            "the code travels in the trailer in every mode"
+        );
+        let mut r = decide("acme", "x");
+        r.policy_id = "nope".into();
+        assert_eq!(grpc.decide(r).await.unwrap_err().code(), not_found);
+        drop(router);
+    }
+}

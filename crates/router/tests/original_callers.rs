@@ -88,6 +88,17 @@ async fn ask(
     serde_json::from_slice(&msg.payload).unwrap()
 }
 
+/// Asks `beamline.router.v1.admin.<method>` without a key.
+async fn admin(nc: &async_nats::Client, method: &str, body: &str) -> Value {
+    ask(
+        nc,
+        &format!("beamline.router.v1.admin.{method}"),
+        None,
+        body,
+    )
+    .await
+}
+
 fn decide(tenant: &str, text: &str) -> proto::RouteRequest {
     proto::RouteRequest {
         message: Some(proto::Message {
@@ -111,13 +122,7 @@ async fn the_admin_subjects_answer_in_the_originals_shapes() {
     let mut grpc = RouterClient::connect(router.addr.clone()).await.unwrap();
     grpc.decide(decide("acme", "hello")).await.expect("decide");
 
-    let h = ask(
-        &nc,
-        "beamline.router.v1.admin.get_extension_health",
-        None,
-        "",
-    )
-    .await;
+    let h = admin(&nc, "get_extension_health", "").await;
     let health = h["health"].as_object().expect("{health: {...}}");
     assert_eq!(
         health.keys().collect::<Vec<_>>(),
@@ -129,28 +134,15 @@ async fn the_admin_subjects_answer_in_the_originals_shapes() {
     assert_eq!(n["success_count"], 1, "{n}");
     assert_eq!(n["circuit_breaker_state"], "closed", "{n}");
 
-    let s = ask(
-        &nc,
-        "beamline.router.v1.admin.get_circuit_breaker_states",
-        None,
-        "{}",
-    )
-    .await;
+    let s = admin(&nc, "get_circuit_breaker_states", "{}").await;
     assert_eq!(s["states"]["pii_guard"], "closed", "{s}");
     assert_eq!(s["states"].as_object().unwrap().len(), 4, "{s}");
 
     // A dry run invokes nothing.
-    let before = ask(
+    let before = admin(&nc, "get_extension_health", "").await;
+    let d = admin(
         &nc,
-        "beamline.router.v1.admin.get_extension_health",
-        None,
-        "",
-    )
-    .await;
-    let d = ask(
-        &nc,
-        "beamline.router.v1.admin.dry_run_pipeline",
-        None,
+        "dry_run_pipeline",
         r#"{"tenant_id": "acme", "policy_id": "default", "payload": "  hi  "}"#,
     )
     .await;
@@ -164,40 +156,31 @@ async fn the_admin_subjects_answer_in_the_originals_shapes() {
     let steps = d["result"]["executed_extensions"].as_array().unwrap();
     assert_eq!(steps.len(), 4, "{d}");
     assert!(steps.iter().all(|s| s["status"] == "skipped"), "{d}");
-    let after = ask(
-        &nc,
-        "beamline.router.v1.admin.get_extension_health",
-        None,
-        "",
-    )
-    .await;
+    let after = admin(&nc, "get_extension_health", "").await;
     assert_eq!(
         before["health"]["normalize_text"]["success_count"],
         after["health"]["normalize_text"]["success_count"],
         "the dry run called nobody"
     );
     // An object payload stays an object.
-    let d = ask(
+    let d = admin(
         &nc,
-        "beamline.router.v1.admin.dry_run_pipeline",
-        None,
+        "dry_run_pipeline",
         r#"{"tenant_id": "acme", "policy_id": "default", "payload": {"text": "hi"}}"#,
     )
     .await;
     assert_eq!(d["result"]["final_payload"], json!({"text": "hi"}), "{d}");
-    let d = ask(
+    let d = admin(
         &nc,
-        "beamline.router.v1.admin.dry_run_pipeline",
-        None,
+        "dry_run_pipeline",
         r#"{"tenant_id": "acme", "policy_id": "nope", "payload": "x"}"#,
     )
     .await;
     assert_eq!(d["ok"], false, "{d}");
     assert_eq!(d["error"]["code"], "POLICY_NOT_FOUND", "{d}");
-    let d = ask(
+    let d = admin(
         &nc,
-        "beamline.router.v1.admin.dry_run_pipeline",
-        None,
+        "dry_run_pipeline",
         r#"{"tenant_id": "acme", "payload": "x"}"#,
     )
     .await;
@@ -206,10 +189,9 @@ async fn the_admin_subjects_answer_in_the_originals_shapes() {
         json!({"error": {"code": "INVALID_ARGUMENT", "message": "policy_id is required"}})
     );
 
-    let c = ask(
+    let c = admin(
         &nc,
-        "beamline.router.v1.admin.get_pipeline_complexity",
-        None,
+        "get_pipeline_complexity",
         r#"{"tenant_id": "acme", "policy_id": "default"}"#,
     )
     .await;
@@ -220,18 +202,11 @@ async fn the_admin_subjects_answer_in_the_originals_shapes() {
                "recommended_limits": {"max_total": 4, "max_pre": 2, "max_validators": 2, "max_post": 2},
                "warnings": [], "recommendations": []})
     );
-    let c = ask(
-        &nc,
-        "beamline.router.v1.admin.get_pipeline_complexity",
-        None,
-        "not json",
-    )
-    .await;
+    let c = admin(&nc, "get_pipeline_complexity", "not json").await;
     assert_eq!(c["error"]["code"], "INVALID_ARGUMENT", "{c}");
-    let c = ask(
+    let c = admin(
         &nc,
-        "beamline.router.v1.admin.get_pipeline_complexity",
-        None,
+        "get_pipeline_complexity",
         r#"{"tenant_id": "acme", "policy_id": "nope"}"#,
     )
     .await;

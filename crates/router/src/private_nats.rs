@@ -148,6 +148,9 @@ impl PrivateNats {
             // while it drains).
             .process_group(0)
             .kill_on_drop(true);
+        // The kernel sends the parent-death signal when the thread that spawned the
+        // child ends: `serve` starts it from the thread running its main future
+        // (`block_on` on the main thread), which lives as long as the process.
         // SAFETY: prctl(2) only sets this process's parent-death signal; it is
         // async-signal-safe and touches no memory of the parent.
         unsafe {

@@ -1,6 +1,6 @@
 //! HTTP on `[http] listen`: `/metrics` (Prometheus text format 0.0.4), `/healthz`
-//! (the process is alive), `/readyz` (the registry has loaded a snapshot and the
-//! router is not stopping).
+//! (the process is alive), `/readyz` (the registry has loaded a snapshot, NATS is
+//! connected, and the router is not stopping).
 
 use std::sync::Arc;
 
@@ -47,6 +47,16 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down\n".to_string(),
+        );
+    }
+    if !matches!(
+        s.pipeline.nats().connection_state(),
+        async_nats::connection::State::Connected
+    ) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: NATS not connected (extension calls fail until it is; the log says why)\n"
+                .to_string(),
         );
     }
     let status = s.pipeline.registry().status();

@@ -71,9 +71,21 @@ impl SecretUrl {
     }
 }
 
-/// Masks the password of `scheme://user:password@host…` and `password=` parameters.
-/// Text that is not a URL is masked whole rather than risk printing a secret.
+/// Masks the password of `scheme://user:password@host…` and `password=` parameters,
+/// in each URL of a comma-separated list (NATS seeds). Text that is not a URL is
+/// masked whole rather than risk printing a secret.
 pub fn redact_url(raw: &str) -> String {
+    if raw.contains(',') && raw.split(',').all(|part| part.contains("://")) {
+        return raw
+            .split(',')
+            .map(redact_one_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one_url(raw)
+}
+
+fn redact_one_url(raw: &str) -> String {
     let Some(scheme_end) = raw.find("://") else {
         return REDACTED.to_string();
     };
@@ -171,5 +183,9 @@ mod tests {
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("not a url hunter2"), "***");
         assert_eq!(redact_url("postgres://u:p:q@h"), "postgres://u:***@h");
+        assert_eq!(
+            redact_url("nats://a:pw1@h1:4222, nats://b:pw2@h2:4222"),
+            "nats://a:***@h1:4222, nats://b:***@h2:4222"
+        );
     }
 }

@@ -69,24 +69,7 @@ impl ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NatsConfig {
-    /// `nats://host:port`; credentials in the URL are redacted when printed.
-    pub url: SecretUrl,
-    /// Where a Decide that came without a reply subject is answered (the original's
-    /// callers listen on `beamline.router.v1.decide.reply`).
-    pub decide_reply_subject: String,
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        Self {
-            url: SecretUrl::new("nats://127.0.0.1:4222"),
-            decide_reply_subject: beamline_api::nats_intake::DEFAULT_REPLY_SUBJECT.to_string(),
-        }
-    }
-}
+pub use crate::nats::NatsConfig;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -296,18 +279,7 @@ impl Config {
             .validate()
             .map_err(|e| within("extension_registry", e))?;
         self.limits.validate().map_err(|e| within("limits", e))?;
-        let nats = self.nats.url.expose();
-        if !(nats.starts_with("nats://") || nats.starts_with("tls://")) {
-            return Err((
-                "nats.url".into(),
-                format!(
-                    "'{}' is not a nats:// or tls:// URL",
-                    self.nats.url.redacted()
-                ),
-            ));
-        }
-        beamline_model::subject::check_subject(&self.nats.decide_reply_subject)
-            .map_err(|reason| ("nats.decide_reply_subject".to_string(), reason))?;
+        self.nats.validate()?;
         self.circuit_breaker
             .validate()
             .map_err(|(k, m)| (format!("circuit_breaker.{k}"), m))?;
@@ -416,6 +388,15 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "circuit_breaker.timeout_seconds",
     ),
     ("BEAMLINE_NATS_URL", "nats.url"),
+    ("BEAMLINE_NATS_CREDENTIALS_FILE", "nats.credentials_file"),
+    ("BEAMLINE_NATS_NKEY_SEED_FILE", "nats.nkey_seed_file"),
+    ("BEAMLINE_NATS_TOKEN", "nats.token"),
+    ("BEAMLINE_NATS_USER", "nats.user"),
+    ("BEAMLINE_NATS_PASSWORD", "nats.password"),
+    ("BEAMLINE_NATS_TLS_CA_FILE", "nats.tls_ca_file"),
+    ("BEAMLINE_NATS_TLS_CERT_FILE", "nats.tls_cert_file"),
+    ("BEAMLINE_NATS_TLS_KEY_FILE", "nats.tls_key_file"),
+    ("BEAMLINE_NATS_TLS_REQUIRED", "nats.tls_required"),
     ("BEAMLINE_GRPC_LISTEN", "grpc.listen"),
     ("BEAMLINE_HTTP_LISTEN", "http.listen"),
     ("BEAMLINE_LOG_FORMAT", "log.format"),
@@ -440,7 +421,7 @@ fn apply_env(
             message,
         };
         // Never echo the value of a secret-bearing variable.
-        let shown = if var.contains("PASSWORD") || var.contains("KEY") {
+        let shown = if var.contains("PASSWORD") || var.contains("KEY") || var.contains("TOKEN") {
             "***".to_string()
         } else if var.ends_with("_URL") {
             beamline_model::secret::redact_url(value)
@@ -486,7 +467,23 @@ fn apply_env(
                     .parse()
                     .map_err(|_| fail(format!("'{shown}' is not a whole number of seconds")))?
             }
-            "BEAMLINE_NATS_URL" => config.nats.url = SecretUrl::new(value),
+            "BEAMLINE_NATS_URL" => {
+                config.nats.url = SecretUrl::new(value);
+                config.nats.urls.clear();
+            }
+            "BEAMLINE_NATS_CREDENTIALS_FILE" => {
+                config.nats.credentials_file = Some(PathBuf::from(value))
+            }
+            "BEAMLINE_NATS_NKEY_SEED_FILE" => config.nats.nkey_seed_file = Some(PathBuf::from(value)),
+            "BEAMLINE_NATS_TOKEN" => config.nats.token = Some(Secret::new(value)),
+            "BEAMLINE_NATS_USER" => config.nats.user = Some(value.to_string()),
+            "BEAMLINE_NATS_PASSWORD" => config.nats.password = Some(Secret::new(raw.clone())),
+            "BEAMLINE_NATS_TLS_CA_FILE" => config.nats.tls_ca_file = Some(PathBuf::from(value)),
+            "BEAMLINE_NATS_TLS_CERT_FILE" => config.nats.tls_cert_file = Some(PathBuf::from(value)),
+            "BEAMLINE_NATS_TLS_KEY_FILE" => config.nats.tls_key_file = Some(PathBuf::from(value)),
+            "BEAMLINE_NATS_TLS_REQUIRED" => {
+                config.nats.tls_required = parse_bool(value).map_err(fail)?
+            }
             "BEAMLINE_GRPC_LISTEN" => {
                 config.grpc.listen = value
                     .parse()

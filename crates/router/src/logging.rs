@@ -5,7 +5,19 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 
 pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
+    let wanted = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| config.level.clone());
+    // The NATS client logs every failed attempt; the router reports the connection
+    // itself, one line per distinct problem (crate::nats). A filter that names
+    // async_nats gets it back.
+    let wanted = if wanted.contains("async_nats") {
+        wanted
+    } else {
+        format!("{wanted},async_nats=off")
+    };
+    let filter = EnvFilter::try_new(&wanted)
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -14,6 +14,7 @@ mod config;
 mod decide;
 mod logging;
 mod migrate;
+mod nats;
 mod ops;
 mod private_nats;
 mod registry_check;

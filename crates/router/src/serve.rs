@@ -98,27 +98,22 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
 
     // `--demo` brings its own NATS when none answers (see private_nats).
     let private_nats = if args.demo {
-        start_private_nats(config.nats.url.expose()).await?
+        start_private_nats(&config.nats.seeds().join(",")).await?
     } else {
         None
     };
-    let nats_url = private_nats
-        .as_ref()
-        .map(|p| p.url.clone())
-        .unwrap_or_else(|| config.nats.url.expose().to_string());
     let nats_shown = match &private_nats {
         Some(p) => p.url.clone(),
-        None => config.nats.url.redacted(),
+        None => config.nats.seeds_redacted(),
     };
 
-    // NATS may be down at start: the client keeps connecting in the background and
-    // extension calls fail fast (extension_unavailable) until it is up.
-    let nats = async_nats::ConnectOptions::new()
-        .name("beamline-router")
-        .retry_on_initial_connect()
-        .connect(nats_url.as_str())
-        .await
-        .with_context(|| format!("cannot use NATS at {nats_shown}"))?;
+    // NATS may be down at start: the client keeps connecting in the background (any
+    // seed will do) and extension calls fail fast (extension_unavailable) until it is.
+    let nats = crate::nats::connect(
+        &config.nats,
+        private_nats.as_ref().map(|p| p.url.as_str()),
+    )
+    .await?;
     // Give the first connection a moment, so requests right after start do not fail
     // for a connection that is about to exist; past that, start anyway (calls fail
     // fast with extension_unavailable until NATS is there).
@@ -159,10 +154,19 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
     let grpc_addr = listener.local_addr()?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let readiness = {
-        let (registry, stopping) = (registry.clone(), stopping.clone());
+        let (registry, stopping, nats_state) = (registry.clone(), stopping.clone(), nats.clone());
         tokio::spawn(beamline_api::grpc::follow_readiness(
             reporter,
-            move || registry.is_loaded() && !stopping.is_cancelled(),
+            // Ready to serve: a snapshot, a NATS connection (extensions are reached
+            // through it), and not stopping.
+            move || {
+                registry.is_loaded()
+                    && !stopping.is_cancelled()
+                    && matches!(
+                        nats_state.connection_state(),
+                        async_nats::connection::State::Connected
+                    )
+            },
             shutdown.clone(),
         ))
     };

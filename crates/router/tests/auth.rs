@@ -8,7 +8,6 @@ use beamline_api::proto;
 use beamline_api::proto::router_admin_client::RouterAdminClient;
 use beamline_test_support::NatsServer;
 use common::*;
-use std::process::Command;
 use tonic::transport::Channel;
 
 use tonic::{Code, Request};
@@ -523,73 +522,10 @@ async fn grpc_over_tls_with_the_cli() {
     let db = migrated_database().await;
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let p = |f: &str| dir.path().join(f).display().to_string();
-    let (cert, key, ca) = (
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-        dir.path().join("ca.pem"),
-    );
-    std::fs::write(
-        dir.path().join("leaf.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    for args in [
-        // A test CA, then a server certificate it signs.
-        [
-            &[
-                "req",
-                "-x509",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=beamline-test-ca",
-            ][..],
-            &ec[..],
-            &["-keyout", &p("ca.key"), "-out", &p("ca.pem")][..],
-        ]
-        .concat(),
-        [
-            &["req", "-subj", "/CN=localhost"][..],
-            &ec[..],
-            &["-keyout", &p("key.pem"), "-out", &p("leaf.csr")][..],
-        ]
-        .concat(),
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            &p("leaf.csr"),
-            "-CA",
-            &p("ca.pem"),
-            "-CAkey",
-            &p("ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-extfile",
-            &p("leaf.ext"),
-            "-out",
-            &p("cert.pem"),
-        ],
-    ] {
-        let ok = Command::new("openssl")
-            .args(&args)
-            .output()
-            .expect("openssl");
-        assert!(
-            ok.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&ok.stderr)
-        );
-    }
+    // A test CA, then a server certificate it signs.
+    let test_ca = beamline_test_support::TestCa::new();
+    let leaf = test_ca.issue("localhost", true);
+    let (cert, key, ca) = (leaf.cert, leaf.key, test_ca.ca_pem());
     let config = write_config(dir.path(), db.url(), &nats.url(), "");
     let text = std::fs::read_to_string(&config).unwrap().replacen(
         "[grpc]\nlisten = \"127.0.0.1:0\"",

@@ -9,10 +9,15 @@
 //! - [`TestDatabase`]: a fresh, uniquely named, empty database on a PostgreSQL
 //!   server, dropped (`DROP DATABASE … WITH (FORCE)`) when the value is dropped.
 //! - [`NatsServer`]: a `nats-server -js` of the test's own on a free port, with its own
-//!   store directory, that the test can [stop](NatsServer::stop) and
-//!   [restart](NatsServer::restart) to inject faults.
+//!   store directory, that the test can [stop](NatsServer::stop),
+//!   [pause](NatsServer::pause) and [restart](NatsServer::restart) to inject faults;
+//!   or one [started from a configuration](NatsServer::start_with_config) (users,
+//!   permissions, TLS).
+//! - [`NatsCluster`]: several such servers routed into one cluster.
 //! - [`PgCluster`]: a throwaway PostgreSQL cluster (initdb in a temporary directory)
 //!   on a free port, which the test can stop and restart in the same way.
+//! - [`TestCa`]: a throwaway certificate authority issuing server and client
+//!   certificates (for TLS and mTLS tests).
 //! - [`free_port`]: a TCP port on 127.0.0.1 that was free a moment ago.
 //! - [`bench`]: what the benches of several crates share (the benchmark registry
 //!   dataset in PostgreSQL, percentiles, the binary's allocator tuning).
@@ -57,12 +62,14 @@ mod database;
 mod nats;
 mod postgres;
 mod process;
+mod tls;
 
 use std::net::{Ipv4Addr, TcpListener};
 
 pub use database::TestDatabase;
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use postgres::PgCluster;
+pub use tls::{Issued, TestCa};
 
 /// The PostgreSQL URL used when `DATABASE_URL` is not set.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";

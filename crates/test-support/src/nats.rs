@@ -1,4 +1,6 @@
-//! [`NatsServer`]: a `nats-server -js` of the test's own.
+//! [`NatsServer`]: a `nats-server` of the test's own — plain with JetStream, or
+//! started from a configuration the test writes (accounts, users and permissions,
+//! TLS, a cluster block) — and [`NatsCluster`]: several of them routed together.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -32,6 +34,11 @@ const PORT_ATTEMPTS: usize = 5;
 pub struct NatsServer {
     binary: PathBuf,
     port: u16,
+    /// The monitoring port (`/connz`, `/routez`), when the server has one.
+    monitor_port: Option<u16>,
+    /// `-c <dir>/nats.conf` instead of `-js`, for servers started from a
+    /// configuration.
+    configured: bool,
     dir: TempDir,
     child: Mutex<Option<Child>>,
     exit_guard: ExitGuard,
@@ -51,6 +58,25 @@ impl NatsServer {
     /// If `nats-server` is not installed, the temporary directory cannot be created,
     /// or the server does not become ready within 10 seconds.
     pub fn start() -> NatsServer {
+        NatsServer::start_inner(None)
+    }
+
+    /// Starts a server from a configuration file with `config` as its text (users,
+    /// accounts, permissions, `tls { … }`, a `cluster { … }` block — anything
+    /// nats-server reads), on a free client port and with a monitoring port (see
+    /// [`connection_names`](Self::connection_names)); no JetStream. Paths inside
+    /// `config` should be absolute. The listen address and port given on the command
+    /// line win over the file's.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start), and when nats-server refuses the configuration (the
+    /// panic shows its log).
+    pub fn start_with_config(config: &str) -> NatsServer {
+        NatsServer::start_inner(Some(config))
+    }
+
+    fn start_inner(config: Option<&str>) -> NatsServer {
         let binary = process::find_executable("nats-server").unwrap_or_else(|| {
             panic!(
                 "NatsServer::start: nats-server not found on PATH or in /usr/sbin: \
@@ -63,10 +89,17 @@ impl NatsServer {
             .unwrap_or_else(|e| {
                 panic!("NatsServer::start: cannot create a temporary directory: {e}")
             });
+        if let Some(text) = config {
+            std::fs::write(dir.path().join("nats.conf"), text).unwrap_or_else(|e| {
+                panic!("NatsServer::start: cannot write the configuration file: {e}")
+            });
+        }
         let exit_guard = ExitGuard::new(dir.path(), libc::SIGKILL);
         let mut server = NatsServer {
             binary,
             port: 0,
+            monitor_port: None,
+            configured: config.is_some(),
             dir,
             child: Mutex::new(None),
             exit_guard,
@@ -74,6 +107,9 @@ impl NatsServer {
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             server.port = free_port();
+            if server.configured {
+                server.monitor_port = Some(free_port());
+            }
             // A fresh log per attempt, so that an earlier attempt's error is not
             // mistaken for this one's.
             let _ = std::fs::remove_file(server.log_file());
@@ -96,6 +132,45 @@ impl NatsServer {
             PORT_ATTEMPTS,
             failures.join(", ")
         );
+    }
+
+    /// The names clients gave their connections (`ConnectOptions::name`) on this
+    /// server right now, from its monitoring endpoint `/connz`. Empty for a server
+    /// without monitoring (one from [`start`](Self::start)) or that is down.
+    pub fn connection_names(&self) -> Vec<String> {
+        let Some(body) = self.monitor("/connz") else {
+            return Vec::new();
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+            return Vec::new();
+        };
+        v["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// How many routes to other cluster nodes this server has (`/routez`), if it
+    /// answers.
+    pub fn route_count(&self) -> Option<u64> {
+        let body = self.monitor("/routez")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["num_routes"].as_u64()
+    }
+
+    /// GET `path` on the monitoring port; the body.
+    fn monitor(&self, path: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let port = self.monitor_port?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).ok()?;
+        raw.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -202,13 +277,18 @@ impl NatsServer {
             )
         });
         let mut cmd = Command::new(&self.binary);
+        if self.configured {
+            cmd.arg("-c").arg(self.dir.path().join("nats.conf"));
+        } else {
+            cmd.arg("-js").arg("-sd").arg(self.store_dir());
+        }
+        if let Some(m) = self.monitor_port {
+            cmd.arg("-m").arg(m.to_string());
+        }
         cmd.arg("-a")
             .arg("127.0.0.1")
             .arg("-p")
             .arg(self.port.to_string())
-            .arg("-js")
-            .arg("-sd")
-            .arg(self.store_dir())
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -263,5 +343,99 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
         // The TempDir field removes the directory after this.
+    }
+}
+
+/// How long [`NatsCluster::start_with_config`] waits for the nodes to route to each
+/// other.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Several [`NatsServer`]s routed into one cluster (each node's configuration gets a
+/// `cluster { … }` block naming every other node as a route), so a client connected
+/// to any node reaches subscribers on all of them and learns the others' addresses.
+/// Nodes can be stopped, paused and restarted one by one; dropping the cluster stops
+/// them all and removes their directories.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes and waits until each has a route to every other.
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start_with_config`], or when the nodes are not routed to each
+    /// other within 30 seconds.
+    pub fn start(size: usize) -> NatsCluster {
+        NatsCluster::start_with_config(size, "")
+    }
+
+    /// [`start`](Self::start), with `config` (users, permissions, TLS …) in every
+    /// node's configuration.
+    pub fn start_with_config(size: usize, config: &str) -> NatsCluster {
+        assert!(size >= 2, "NatsCluster: a cluster has at least two nodes");
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let nodes: Vec<NatsServer> = (0..size)
+            .map(|i| {
+                let routes: Vec<String> = cluster_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| format!("nats-route://127.0.0.1:{p}"))
+                    .collect();
+                NatsServer::start_with_config(&format!(
+                    "{config}\nserver_name: node{i}\ncluster {{\n  name: beamline-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    cluster_ports[i],
+                    routes.join(", ")
+                ))
+            })
+            .collect();
+        let cluster = NatsCluster { nodes };
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        while !cluster.is_routed() {
+            assert!(
+                Instant::now() < deadline,
+                "NatsCluster: the {size} nodes did not route to each other within {CLUSTER_TIMEOUT:?}\n{}",
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|n| log_tail(&n.log_file(), 10))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// Whether every running node has a route to every other running node.
+    pub fn is_routed(&self) -> bool {
+        let running: Vec<&NatsServer> = self.nodes.iter().filter(|n| n.is_running()).collect();
+        running
+            .iter()
+            .all(|n| n.route_count() == Some(running.len() as u64 - 1))
+    }
+
+    /// The nodes, in order.
+    pub fn nodes(&self) -> &[NatsServer] {
+        &self.nodes
+    }
+
+    /// One node, to stop, pause or restart.
+    pub fn node_mut(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    /// Every node's client URL, in order.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// The index of the node a client connection named `name` is on, if any.
+    pub fn node_with_connection(&self, name: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.connection_names().iter().any(|c| c == name))
     }
 }

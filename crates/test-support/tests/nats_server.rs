@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::Duration;
 
-use beamline_test_support::NatsServer;
+use beamline_test_support::{NatsCluster, NatsServer};
 
 /// A minimal NATS client speaking the text protocol.
 struct Client {
@@ -184,4 +184,63 @@ fn pause_freezes_the_server_and_resume_thaws_it() {
     server.pause();
     drop(server);
     assert!(!process_alive(pid), "a paused server outlived its drop");
+}
+
+/// A configured server applies its configuration (here: a token), and its
+/// monitoring endpoint names the connected clients.
+#[test]
+fn a_configured_server_applies_its_configuration() {
+    let server = NatsServer::start_with_config("authorization { token: \"t0k3n\" }\n");
+    let mut refused = Client::connect(server.port());
+    refused.send("PING\r\n");
+    let mut line = String::new();
+    refused.reader.read_line(&mut line).unwrap();
+    assert!(line.contains("Authorization Violation"), "{line:?}");
+
+    let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, server.port())).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut info = String::new();
+    reader.read_line(&mut info).unwrap();
+    writer
+        .write_all(b"CONNECT {\"verbose\":false,\"auth_token\":\"t0k3n\",\"name\":\"probe\"}\r\nPING\r\n")
+        .unwrap();
+    let mut pong = String::new();
+    reader.read_line(&mut pong).unwrap();
+    assert_eq!(pong, "PONG\r\n");
+    assert_eq!(server.connection_names(), vec!["probe".to_string()]);
+}
+
+/// Three nodes route to each other: a message published on one reaches a subscriber
+/// on another; dropping the cluster stops every node.
+#[test]
+fn a_cluster_routes_messages_between_nodes_and_stops_on_drop() {
+    let cluster = NatsCluster::start(3);
+    assert!(cluster.is_routed());
+    let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.port()).collect();
+    let mut subscriber = Client::connect(ports[0]);
+    subscriber.send("SUB cluster.test 9\r\nPING\r\n");
+    let mut line = String::new();
+    subscriber.reader.read_line(&mut line).unwrap(); // PONG: the SUB is in
+    subscriber
+        .writer
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut publisher = Client::connect(ports[2]);
+    let mut received = false;
+    for _ in 0..100 {
+        publisher.send("PUB cluster.test 5\r\nhello\r\n");
+        let mut line = String::new();
+        if subscriber.reader.read_line(&mut line).is_ok() && line.starts_with("MSG cluster.test") {
+            received = true;
+            break;
+        }
+    }
+    assert!(received, "a message did not cross the cluster");
+    let pids: Vec<u32> = cluster.nodes().iter().filter_map(|n| n.pid()).collect();
+    assert_eq!(pids.len(), 3);
+    drop(cluster);
+    for pid in pids {
+        assert!(!process_alive(pid), "node {pid} outlived the cluster");
+    }
 }

@@ -474,7 +474,9 @@ fn apply_env(
             "BEAMLINE_NATS_CREDENTIALS_FILE" => {
                 config.nats.credentials_file = Some(PathBuf::from(value))
             }
-            "BEAMLINE_NATS_NKEY_SEED_FILE" => config.nats.nkey_seed_file = Some(PathBuf::from(value)),
+            "BEAMLINE_NATS_NKEY_SEED_FILE" => {
+                config.nats.nkey_seed_file = Some(PathBuf::from(value))
+            }
             "BEAMLINE_NATS_TOKEN" => config.nats.token = Some(Secret::new(value)),
             "BEAMLINE_NATS_USER" => config.nats.user = Some(value.to_string()),
             "BEAMLINE_NATS_PASSWORD" => config.nats.password = Some(Secret::new(raw.clone())),
@@ -673,6 +675,52 @@ key_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
             err.contains("database_url") && !err.contains("hunter2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn nats_keys_come_from_the_environment_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("router.nk");
+        std::fs::write(&seed, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+        let c = load(
+            "",
+            &[
+                ("BEAMLINE_NATS_URL", "nats://a:4222,nats://b:4222"),
+                ("BEAMLINE_NATS_NKEY_SEED_FILE", seed.to_str().unwrap()),
+                ("BEAMLINE_NATS_TLS_REQUIRED", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.nats.seeds(), ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(c.nats.nkey_seed_file.as_deref(), Some(seed.as_path()));
+        assert!(c.nats.tls_required);
+        let c = load("", &[("BEAMLINE_NATS_TOKEN", "t0k3n-xyz")]).unwrap();
+        assert_eq!(c.nats.token.as_ref().map(|t| t.expose()), Some("t0k3n-xyz"));
+        // A missing file is named by its key; a bad value by its variable.
+        let err = load(
+            "",
+            &[(
+                "BEAMLINE_NATS_CREDENTIALS_FILE",
+                "/nonexistent/router.creds",
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("nats.credentials_file") && err.contains("/nonexistent/router.creds"),
+            "{err}"
+        );
+        let err = load("", &[("BEAMLINE_NATS_TLS_REQUIRED", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("BEAMLINE_NATS_TLS_REQUIRED"), "{err}");
+        let err = load(
+            "[nats]\nuser = \"ops\"\n",
+            &[("BEAMLINE_NATS_TOKEN", "t0k3n-xyz")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("nats.") && !err.contains("t0k3n-xyz"), "{err}");
     }
 
     #[test]

@@ -111,7 +111,10 @@ impl NatsConfig {
                 .map(str::to_string)
                 .collect()
         } else {
-            self.urls.iter().map(|u| u.expose().trim().to_string()).collect()
+            self.urls
+                .iter()
+                .map(|u| u.expose().trim().to_string())
+                .collect()
         }
     }
 
@@ -166,9 +169,8 @@ impl NatsConfig {
                     format!("{at} is not a nats:// or tls:// URL"),
                 ));
             }
-            async_nats::ServerAddr::from_str(seed).map_err(|e| {
-                key_error(url_key, format!("{at} cannot be parsed: {e}"))
-            })?;
+            async_nats::ServerAddr::from_str(seed)
+                .map_err(|e| key_error(url_key, format!("{at} cannot be parsed: {e}")))?;
         }
         beamline_model::subject::check_subject(&self.decide_reply_subject)
             .map_err(|reason| key_error("decide_reply_subject", reason))?;
@@ -234,10 +236,16 @@ impl NatsConfig {
             }
             (None, None) => {}
             (Some(_), None) => {
-                return Err(key_error("tls_key_file", "tls_cert_file needs tls_key_file"));
+                return Err(key_error(
+                    "tls_key_file",
+                    "tls_cert_file needs tls_key_file",
+                ));
             }
             (None, Some(_)) => {
-                return Err(key_error("tls_cert_file", "tls_key_file needs tls_cert_file"));
+                return Err(key_error(
+                    "tls_cert_file",
+                    "tls_key_file needs tls_cert_file",
+                ));
             }
         }
         Ok(())
@@ -325,19 +333,14 @@ impl ConnectionLog {
     /// The event callback for `ConnectOptions::event_callback`.
     pub fn event(&self, event: async_nats::Event, seeds: &str) {
         use async_nats::Event;
-        let mut last = self
-            .last_problem
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last_problem.lock().unwrap_or_else(|p| p.into_inner());
         match event {
-            Event::Connected => {
-                match last.take() {
-                    Some(problem) => {
-                        tracing::info!(nats = %seeds, resolved = %problem, "NATS connected")
-                    }
-                    None => tracing::info!(nats = %seeds, "NATS connected"),
+            Event::Connected => match last.take() {
+                Some(problem) => {
+                    tracing::info!(nats = %seeds, resolved = %problem, "NATS connected")
                 }
-            }
+                None => tracing::info!(nats = %seeds, "NATS connected"),
+            },
             Event::Disconnected => {
                 tracing::warn!(nats = %seeds, "NATS disconnected; reconnecting (extension calls fail with extension_unavailable meanwhile)");
             }
@@ -345,40 +348,64 @@ impl ConnectionLog {
                 tracing::info!(nats = %seeds, "the NATS server is entering lame duck mode; the client will move to another server");
             }
             Event::SlowConsumer(sid) => {
-                tracing::warn!(subscription = sid, "NATS slow consumer: messages were dropped");
+                tracing::warn!(
+                    subscription = sid,
+                    "NATS slow consumer: messages were dropped"
+                );
             }
-            Event::ServerError(e) => {
-                let problem = e.to_string();
-                if last.as_deref() != Some(problem.as_str()) {
-                    tracing::error!(nats = %seeds, error = %problem, "{}", explain(&problem));
-                    *last = Some(problem);
-                }
-            }
-            Event::ClientError(e) => {
-                let problem = e.to_string();
-                if last.as_deref() != Some(problem.as_str()) {
-                    tracing::warn!(nats = %seeds, error = %problem, "{}", explain(&problem));
-                    *last = Some(problem);
-                }
-            }
+            Event::ServerError(e) => self.problem(&mut last, e.to_string(), seeds),
+            Event::ClientError(e) => self.problem(&mut last, e.to_string(), seeds),
             Event::Draining | Event::Closed => {}
         }
     }
 }
 
-/// What a client or server error means for the operator, and what to check.
-fn explain(problem: &str) -> &'static str {
+impl ConnectionLog {
+    /// Logs `problem` unless it is the one logged last: an error when someone must act
+    /// (credentials, permissions, TLS), a warning when waiting may heal it.
+    fn problem(&self, last: &mut Option<String>, problem: String, seeds: &str) {
+        if last.as_deref() == Some(problem.as_str()) {
+            return;
+        }
+        let (needs_action, what) = explain(&problem);
+        if needs_action {
+            tracing::error!(nats = %seeds, error = %problem, "{what}");
+        } else {
+            tracing::warn!(nats = %seeds, error = %problem, "{what}");
+        }
+        *last = Some(problem);
+    }
+}
+
+/// What a client or server error means for the operator, what to check, and whether
+/// someone must act (rather than wait for a server to come back).
+fn explain(problem: &str) -> (bool, &'static str) {
     let p = problem.to_ascii_lowercase();
     if p.contains("authorization") || p.contains("authentication") {
-        "NATS refused the router's credentials: check [nats] credentials_file, nkey_seed_file, token or user/password; retrying until it accepts them"
+        (
+            true,
+            "NATS refused the router's credentials: check [nats] credentials_file, nkey_seed_file, token or user/password; retrying until it accepts them",
+        )
     } else if p.contains("permissions violation") {
-        "NATS refused a subscription or publish: the router's user lacks a permission (see docs/DEPLOYMENT.md, NATS permissions)"
+        (
+            true,
+            "NATS refused a subscription or publish: the router's user lacks a permission (docs/DEPLOYMENT.md, Permissions)",
+        )
     } else if p.contains("signing nonce") {
-        "the router could not sign the NATS server's challenge: check [nats] nkey_seed_file or credentials_file; retrying"
+        (
+            true,
+            "the router could not sign the NATS server's challenge: check [nats] nkey_seed_file or credentials_file; retrying",
+        )
     } else if p.contains("tls") {
-        "TLS with NATS failed: check [nats] tls_ca_file, tls_cert_file/tls_key_file and whether the server requires TLS; retrying"
+        (
+            true,
+            "TLS with NATS failed: check [nats] tls_ca_file, tls_cert_file/tls_key_file and whether the server requires TLS; retrying",
+        )
     } else {
-        "no NATS seed answers; retrying (extension calls fail with extension_unavailable meanwhile)"
+        (
+            false,
+            "no NATS seed answers; retrying (extension calls fail with extension_unavailable meanwhile)",
+        )
     }
 }
 
@@ -408,19 +435,19 @@ mod tests {
         assert_eq!(key, "nats.url");
         assert!(message.contains("seed 2"), "{message}");
         let shown = config("url = \"nats://u:hunter2@a:4222,nats://b:1\"").seeds_redacted();
-        assert!(!shown.contains("hunter2") && shown.contains("nats://b:1"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("nats://b:1"),
+            "{shown}"
+        );
     }
 
     #[test]
     fn one_way_to_authenticate_and_files_named_by_their_key() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.creds");
-        let (key, message) = config(&format!(
-            "credentials_file = \"{}\"",
-            missing.display()
-        ))
-        .validate()
-        .unwrap_err();
+        let (key, message) = config(&format!("credentials_file = \"{}\"", missing.display()))
+            .validate()
+            .unwrap_err();
         assert_eq!(key, "nats.credentials_file");
         assert!(message.contains("nope.creds"), "{message}");
         let seed = dir.path().join("seed");
@@ -445,11 +472,38 @@ mod tests {
             config("user = \"u\"").validate().unwrap_err().0,
             "nats.password"
         );
-        let (key, _) = config("tls_cert_file = \"/etc/hostname\"").validate().unwrap_err();
+        let (key, _) = config("tls_cert_file = \"/etc/hostname\"")
+            .validate()
+            .unwrap_err();
         assert_eq!(key, "nats.tls_key_file");
-        let (key, message) = config("tls_ca_file = \"/etc/hostname\"").validate().unwrap_err();
+        let (key, message) = config("tls_ca_file = \"/etc/hostname\"")
+            .validate()
+            .unwrap_err();
         assert_eq!(key, "nats.tls_ca_file");
         assert!(message.contains("not PEM"), "{message}");
+    }
+
+    #[test]
+    fn a_credentials_file_is_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("router.creds");
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        // The layout `nsc` writes: a user JWT and its NKey seed.
+        std::fs::write(
+            &creds,
+            format!(
+                "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+            ),
+        )
+        .unwrap();
+        let c = config(&format!("credentials_file = \"{}\"", creds.display()));
+        c.validate().unwrap();
+        c.connect_options().unwrap();
+        std::fs::write(&creds, "just text").unwrap();
+        let (key, message) = c.validate().unwrap_err();
+        assert_eq!(key, "nats.credentials_file");
+        assert!(message.contains("not a NATS credentials file"), "{message}");
+        assert!(!message.contains("just text"), "{message}");
     }
 
     #[test]
@@ -460,7 +514,10 @@ mod tests {
             serde_json::to_string(&c).unwrap(),
             c.seeds_redacted()
         );
-        assert!(!shown.contains("t0k3n-secret") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            !shown.contains("t0k3n-secret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
         let c = config("user = \"ops\"\npassword = \"pw-secret\"");
         let shown = format!("{c:?} {}", serde_json::to_string(&c).unwrap());
         assert!(!shown.contains("pw-secret"), "{shown}");

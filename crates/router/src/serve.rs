@@ -109,11 +109,8 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
 
     // NATS may be down at start: the client keeps connecting in the background (any
     // seed will do) and extension calls fail fast (extension_unavailable) until it is.
-    let nats = crate::nats::connect(
-        &config.nats,
-        private_nats.as_ref().map(|p| p.url.as_str()),
-    )
-    .await?;
+    let nats =
+        crate::nats::connect(&config.nats, private_nats.as_ref().map(|p| p.url.as_str())).await?;
     // Give the first connection a moment, so requests right after start do not fail
     // for a connection that is about to exist; past that, start anyway (calls fail
     // fast with extension_unavailable until NATS is there).

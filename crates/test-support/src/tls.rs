@@ -41,7 +41,9 @@ fn openssl(args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("TestCa: cannot run openssl (install the Debian package openssl): {e}"));
+        .unwrap_or_else(|e| {
+            panic!("TestCa: cannot run openssl (install the Debian package openssl): {e}")
+        });
     assert!(
         out.status.success(),
         "TestCa: openssl {args:?} failed: {}",
@@ -64,7 +66,14 @@ impl TestCa {
         let (key, pem) = (ca.path("ca.key"), ca.path("ca.pem"));
         openssl(
             &[
-                &["req", "-x509", "-days", "1", "-subj", "/CN=beamline-test-ca"][..],
+                &[
+                    "req",
+                    "-x509",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=beamline-test-ca",
+                ][..],
                 &EC[..],
                 &["-keyout", &key, "-out", &pem][..],
             ]

@@ -203,7 +203,9 @@ fn a_configured_server_applies_its_configuration() {
     let mut info = String::new();
     reader.read_line(&mut info).unwrap();
     writer
-        .write_all(b"CONNECT {\"verbose\":false,\"auth_token\":\"t0k3n\",\"name\":\"probe\"}\r\nPING\r\n")
+        .write_all(
+            b"CONNECT {\"verbose\":false,\"auth_token\":\"t0k3n\",\"name\":\"probe\"}\r\nPING\r\n",
+        )
         .unwrap();
     let mut pong = String::new();
     reader.read_line(&mut pong).unwrap();

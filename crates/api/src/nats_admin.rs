@@ -97,6 +97,16 @@ pub fn health_status(h: &ExtensionHealth) -> &'static str {
     }
 }
 
+/// The original's code for a dry run that failed with `code` (invalid requests are
+/// answered as `INVALID_ARGUMENT` before this).
+fn dry_run_error_code(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::PolicyNotFound => "POLICY_NOT_FOUND",
+        ErrorCode::Internal => "INTERNAL_ERROR",
+        _ => "PIPELINE_ERROR",
+    }
+}
+
 /// The original's complexity assessment of a policy's steps.
 pub fn complexity(policy: &Policy) -> Value {
     let (pre, validators, post) = (policy.pre.len(), policy.validators.len(), policy.post.len());
@@ -217,15 +227,16 @@ impl NatsAdmin {
         {
             return error("UNAUTHENTICATED", status.message());
         }
-        let req = match object(body) {
-            Ok(r) => r,
-            Err(e) => return e,
-        };
+        // Health and breaker states take any body (the original's gateway sends
+        // whatever it has); the other two read theirs.
         let answer = match subject {
             HEALTH_SUBJECT => Ok(self.health()),
             BREAKERS_SUBJECT => Ok(self.breaker_states()),
-            DRY_RUN_SUBJECT => self.dry_run(&req).await,
-            COMPLEXITY_SUBJECT => self.complexity(&req),
+            DRY_RUN_SUBJECT => match object(body) {
+                Ok(req) => self.dry_run(&req).await,
+                Err(e) => Err(e),
+            },
+            COMPLEXITY_SUBJECT => object(body).and_then(|req| self.complexity(&req)),
             other => Err(invalid(format!("unknown admin subject {other}"))),
         };
         answer.unwrap_or_else(|e| e)
@@ -294,14 +305,9 @@ impl NatsAdmin {
                 "final_payload": d.message.payload,
             }})),
             Err(e) if e.code == ErrorCode::InvalidRequest => Err(invalid(e.message)),
-            Err(e) => {
-                let code = match e.code {
-                    ErrorCode::PolicyNotFound => "POLICY_NOT_FOUND",
-                    ErrorCode::Internal => "INTERNAL_ERROR",
-                    _ => "PIPELINE_ERROR",
-                };
-                Ok(json!({"ok": false, "error": {"code": code, "message": e.to_string()}}))
-            }
+            Err(e) => Ok(json!({"ok": false, "error": {
+                "code": dry_run_error_code(e.code), "message": e.to_string()
+            }})),
         }
     }
 
@@ -420,6 +426,73 @@ mod tests {
         let warnings = c["warnings"].as_array().unwrap();
         assert_eq!(warnings.len(), 5, "{warnings:?}");
         assert!(warnings[4].as_str().unwrap().contains("270ms"));
+    }
+
+    fn health(success_rate: f64, state: BreakerState) -> ExtensionHealth {
+        use beamline_pipeline::breaker::BreakerSnapshot;
+        use beamline_pipeline::health::HealthSnapshot;
+        ExtensionHealth {
+            extension_id: "x".into(),
+            health: HealthSnapshot {
+                last_success: None,
+                last_failure: None,
+                success_count: 0,
+                failure_count: 0,
+                success_rate,
+                window_calls: 100,
+                avg_latency_ms: 0.0,
+                p50_latency_ms: 0.0,
+                p95_latency_ms: 0.0,
+                p99_latency_ms: 0.0,
+            },
+            circuit_breaker_state: state.as_str(),
+            circuit_breaker_opened_at: None,
+            breaker: BreakerSnapshot {
+                state,
+                opened_at: None,
+                consecutive_failures: 0,
+                window_calls: 100,
+                window_failures: 0,
+                opened_total: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn health_status_follows_the_originals_thresholds() {
+        let closed = BreakerState::Closed;
+        assert_eq!(health_status(&health(1.0, closed)), "healthy");
+        assert_eq!(health_status(&health(0.95, closed)), "healthy");
+        assert_eq!(health_status(&health(0.949, closed)), "degraded");
+        assert_eq!(health_status(&health(0.80, closed)), "degraded");
+        assert_eq!(health_status(&health(0.799, closed)), "unhealthy");
+        assert_eq!(health_status(&health(0.0, closed)), "unhealthy");
+        assert_eq!(
+            health_status(&health(1.0, BreakerState::HalfOpen)),
+            "healthy"
+        );
+        assert_eq!(
+            health_status(&health(1.0, BreakerState::Open)),
+            "unhealthy",
+            "an open breaker is unhealthy whatever the rate"
+        );
+    }
+
+    #[test]
+    fn dry_run_failures_carry_the_originals_codes() {
+        assert_eq!(
+            dry_run_error_code(ErrorCode::PolicyNotFound),
+            "POLICY_NOT_FOUND"
+        );
+        assert_eq!(dry_run_error_code(ErrorCode::Internal), "INTERNAL_ERROR");
+        for code in [
+            ErrorCode::ValidatorBlocked,
+            ErrorCode::DeadlineExceeded,
+            ErrorCode::DecisionFailed,
+            ErrorCode::ExtensionNotFound,
+        ] {
+            assert_eq!(dry_run_error_code(code), "PIPELINE_ERROR", "{code:?}");
+        }
     }
 
     #[test]

@@ -54,6 +54,23 @@ impl SmoothWrr {
         }
         Some(index)
     }
+
+    /// The index `pick` would return now, without taking the turn: a dry run shows
+    /// what live traffic would get and leaves its distribution alone.
+    pub fn peek<'a>(&self, candidates: impl Iterator<Item = (&'a str, u32)>) -> Option<usize> {
+        let scores = self.scores.lock().unwrap_or_else(|p| p.into_inner());
+        let mut best: Option<(usize, i64)> = None;
+        for (i, (name, weight)) in candidates.enumerate() {
+            if weight == 0 {
+                continue;
+            }
+            let score = scores.get(name).copied().unwrap_or(0) + i64::from(weight);
+            if best.is_none_or(|(_, s)| score > s) {
+                best = Some((i, score));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
 }
 
 #[cfg(test)]
@@ -67,6 +84,19 @@ mod tests {
             *counts.entry(set[i].0.to_string()).or_insert(0) += 1;
         }
         counts
+    }
+
+    #[test]
+    fn peek_tells_the_next_pick_and_changes_nothing() {
+        let w = SmoothWrr::new();
+        let set = [("a", 2), ("b", 1)];
+        let it = || set.iter().map(|(n, w)| (*n, *w));
+        for _ in 0..7 {
+            let peeked = w.peek(it());
+            assert_eq!(w.peek(it()), peeked, "peeking twice gives the same");
+            assert_eq!(w.pick(it()), peeked);
+        }
+        assert_eq!(w.peek(std::iter::empty()), None);
     }
 
     #[test]

@@ -556,3 +556,30 @@ async fn request_limits_and_missing_policy() {
         ErrorCode::InvalidRequest
     );
 }
+
+#[tokio::test]
+async fn a_dry_run_leaves_the_weighted_turns_of_live_traffic_alone() {
+    // Two providers without extensions, 1:1: live picks alternate a, b, a, b…
+    let h = Harness::new(
+        json!([]),
+        json!({"providers": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}),
+    )
+    .await;
+    let live = |h: &Harness| {
+        let pipeline = h.pipeline.clone();
+        let r = h.request("x");
+        async move { pipeline.decide(r).await.unwrap().provider_id }
+    };
+    let first = live(&h).await;
+    for _ in 0..3 {
+        let mut r = h.request("x");
+        r.context.insert("dry_run".into(), json!(true));
+        let d = h.pipeline.decide(r).await.unwrap();
+        assert_ne!(d.provider_id, first, "a dry run shows the next live pick");
+    }
+    let second = live(&h).await;
+    assert_ne!(
+        second, first,
+        "three dry runs in between did not take live traffic's turns"
+    );
+}

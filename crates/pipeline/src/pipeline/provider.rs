@@ -87,13 +87,16 @@ impl Pipeline {
                 .inner
                 .providers
                 .get_or_insert_with(&key, SmoothWrr::new);
-            let k = wrr
-                .pick(
-                    usable
-                        .iter()
-                        .map(|&i| (providers[i].name.as_str(), providers[i].weight)),
-                )
-                .unwrap_or(0);
+            let candidates = usable
+                .iter()
+                .map(|&i| (providers[i].name.as_str(), providers[i].weight));
+            // A dry run shows the pick without taking live traffic's turn.
+            let k = if state.dry_run {
+                wrr.peek(candidates)
+            } else {
+                wrr.pick(candidates)
+            }
+            .unwrap_or(0);
             (usable[k], "weighted".to_string())
         };
 

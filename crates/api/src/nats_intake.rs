@@ -76,17 +76,20 @@ fn error_reply(
 
 /// Parses the JSON contract into a pipeline request; the error names the field.
 pub fn parse_request(body: &[u8]) -> Result<(DecideRequest, Value), (String, Value)> {
-    let empty = || Value::Object(Map::new());
+    // Even a request that cannot be read gets a trace id, for the logs and the caller.
+    let empty = || reply_context(None, Some(&beamline_pipeline::new_trace_id()));
     let v: Value =
         serde_json::from_slice(body).map_err(|e| (format!("request is not JSON: {e}"), empty()))?;
     let Value::Object(obj) = v else {
         return Err(("request must be a JSON object".into(), empty()));
     };
     let get_str = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
-    let context = reply_context(
-        get_str("request_id").as_deref(),
-        get_str("trace_id").as_deref(),
-    );
+    // One trace id per request, refused ones included: the caller's, or a new one,
+    // in the reply's context as everywhere else.
+    let trace_id = get_str("trace_id")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(beamline_pipeline::new_trace_id);
+    let context = reply_context(get_str("request_id").as_deref(), Some(&trace_id));
     let fail = |m: String| (m, context.clone());
     if let Some(version) = obj.get("version")
         && version != &json!("1")
@@ -134,11 +137,6 @@ pub fn parse_request(body: &[u8]) -> Result<(DecideRequest, Value), (String, Val
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    // One trace id per request: the caller's, or a new one, in the reply's context
-    // as everywhere else.
-    let trace_id = get_str("trace_id")
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(beamline_pipeline::new_trace_id);
     let context = reply_context(Some(&request_id), Some(&trace_id));
     Ok((
         DecideRequest {
@@ -304,17 +302,47 @@ mod tests {
             parse_request(br#"{"request_id": "r", "tenant_id": "t", "task": {"type": "chat"}}"#)
                 .unwrap_err();
         assert!(e.contains("task.payload (or task.payload_ref)"), "{e}");
+        assert_eq!(ctx["request_id"], "r");
         assert_eq!(
-            ctx,
-            json!({"request_id": "r"}),
-            "absent keys are left out, not null"
+            ctx["trace_id"].as_str().map(str::len),
+            Some(32),
+            "a refused request gets its trace id too: {ctx}"
         );
+        let (_, ctx) = parse_request(
+            br#"{"request_id": "r", "trace_id": "mine", "tenant_id": "t", "task": {}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(ctx, json!({"request_id": "r", "trace_id": "mine"}));
+        let (_, ctx) = parse_request(br#"{"tenant_id": "t"}"#).unwrap_err();
+        assert_eq!(
+            ctx.as_object()
+                .map(|c| c.keys().cloned().collect::<Vec<_>>()),
+            Some(vec!["trace_id".to_string()]),
+            "absent keys are left out, not null: {ctx}"
+        );
+    }
+
+    #[test]
+    fn a_provider_answer_without_output_has_no_null() {
+        use beamline_pipeline::ProviderOutputView;
+        let view = ProviderOutputView {
+            provider_id: "p".into(),
+            output: Value::Null,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            total_tokens: 0,
+        };
+        let v = serde_json::to_value(&view).unwrap();
+        assert_eq!(v.get("output"), None, "{v}");
+        assert_eq!(v["provider_id"], "p");
     }
 
     #[test]
     fn replies_leave_out_what_has_no_value() {
         let (_, ctx) = parse_request(br#"[1]"#).unwrap_err();
-        assert_eq!(ctx, json!({}));
+        assert_eq!(ctx.as_object().map(|c| c.len()), Some(1), "{ctx}");
+        assert_eq!(ctx["trace_id"].as_str().map(str::len), Some(32), "{ctx}");
+        let ctx = json!({});
         let r = error_reply(ErrorCode::InvalidRequest, "bad", Map::new(), &ctx);
         assert_eq!(
             r,

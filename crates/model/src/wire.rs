@@ -188,9 +188,10 @@ pub struct ExtensionRequest {
     /// provider: the policy's provider this call is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_id: Option<String>,
-    /// provider: the message's content after the pre steps (`payload.payload`).
+    /// provider: the message's content after the pre steps (`payload.payload`), as
+    /// text (an object payload written as JSON text; `payload` keeps the object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<Payload>,
+    pub prompt: Option<String>,
     /// provider: the policy provider's `parameters`, overridden by the request's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Map<String, Value>>,
@@ -214,7 +215,7 @@ pub struct ExtensionRequestRef<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt: Option<&'a Payload>,
+    pub prompt: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<&'a Map<String, Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -772,7 +773,7 @@ mod tests {
             metadata: [("k".to_string(), json!(1))].into_iter().collect(),
             config: Map::new(),
             provider_id: Some("p".into()),
-            prompt: Some(r#""hello""#.into()),
+            prompt: Some("hello".into()),
             parameters: Some(Map::new()),
             message: None,
             context: Some(Map::new()),
@@ -784,7 +785,7 @@ mod tests {
             metadata: &r.metadata,
             config: &r.config,
             provider_id: r.provider_id.as_deref(),
-            prompt: r.prompt.as_ref(),
+            prompt: r.prompt.as_deref(),
             parameters: r.parameters.as_ref(),
             message: r.message.as_ref(),
             context: r.context.as_ref(),

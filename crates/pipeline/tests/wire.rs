@@ -5,8 +5,8 @@
 
 mod common;
 
-use beamline_model::ErrorCode;
 use beamline_model::wire::Payload;
+use beamline_model::{ErrorCode, Limits};
 use beamline_pipeline::{BreakerConfig, PipelineConfig, StepStatus};
 use common::*;
 use serde_json::{Value, json};
@@ -332,4 +332,94 @@ async fn json_payloads_are_limited_like_text() {
     let e = h.pipeline.decide(r).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidRequest);
     assert!(e.message.contains("message.payload"), "{e}");
+}
+
+#[tokio::test]
+async fn payload_refs_are_limited_like_payloads() {
+    let limits = Limits {
+        max_payload_bytes: 64,
+        ..Limits::default()
+    };
+    let h = Harness::with(
+        json!([]),
+        json!({"providers": [{"name": "p"}]}),
+        BreakerConfig::default(),
+        limits,
+    )
+    .await;
+    // A reference that fits passes; one over the size limit, or too deep, is refused.
+    let mut r = h.request("");
+    r.message.payload_ref = Some(json!("s3://bucket/key"));
+    h.pipeline
+        .decide(r)
+        .await
+        .expect("a small payload_ref passes");
+
+    let mut r = h.request("");
+    r.message.payload_ref = Some(json!({"url": "x".repeat(100)}));
+    let e = h.pipeline.decide(r).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidRequest);
+    assert!(e.message.starts_with("payload_too_large"), "{e}");
+
+    let mut deep = json!(1);
+    for _ in 0..20 {
+        deep = json!([deep]);
+    }
+    let mut r = h.request("");
+    r.message.payload_ref = Some(deep);
+    let e = h.pipeline.decide(r).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidRequest);
+    assert!(e.message.contains("message.payload_ref"), "{e}");
+}
+
+#[tokio::test]
+async fn an_optional_post_failing_on_the_answer_leaves_it_and_when_can_skip_it() {
+    let h = Harness::new(
+        json!([
+            ext("prov", "provider", 1000, 0),
+            ext("bad", "post", 1000, 0),
+            ext("shout", "post", 1000, 0)
+        ]),
+        json!({"providers": [{"name": "p", "extension": "prov"}],
+               "post": [{"id": "bad", "mode": "optional"},
+                        {"id": "shout", "when": {"volume": "loud"}}]}),
+    )
+    .await;
+    let (_p, _) = serve_recording(&h.client, &h.subject("prov"), original_provider).await;
+    let (_b, _) = serve_recording(
+        &h.client,
+        &h.subject("bad"),
+        |_| json!({"error": {"code": "boom", "message": "no"}}),
+    )
+    .await;
+    let (_s, shout_seen) = serve_recording(&h.client, &h.subject("shout"), |b| {
+        let text = b["payload"]["payload"]
+            .as_str()
+            .unwrap_or("")
+            .to_uppercase();
+        json!({"payload": {"payload": text}})
+    })
+    .await;
+
+    let d = h.pipeline.decide(h.request("hi")).await.unwrap();
+    assert_eq!(
+        statuses(&d.executed_extensions),
+        vec![("prov", "ok"), ("bad", "error"), ("shout", "skipped")]
+    );
+    assert_eq!(
+        d.provider_output.unwrap().output,
+        "Mock response to: hi",
+        "the failed optional post left the answer as the provider gave it"
+    );
+    assert!(shout_seen.lock().unwrap().is_empty(), "when was false");
+
+    let mut r = h.request("hi");
+    r.context.insert("volume".into(), json!("loud"));
+    let d = h.pipeline.decide(r).await.unwrap();
+    assert_eq!(
+        statuses(&d.executed_extensions),
+        vec![("prov", "ok"), ("bad", "error"), ("shout", "ok")]
+    );
+    assert_eq!(d.provider_output.unwrap().output, "MOCK RESPONSE TO: HI");
+    assert_eq!(shout_seen.lock().unwrap().len(), 1);
 }

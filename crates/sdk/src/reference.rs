@@ -194,7 +194,7 @@ pub struct TestProvider;
 impl Handler for TestProvider {
     async fn handle(&self, request: ExtensionRequest) -> Result<Response, ExtensionError> {
         let prompt = match &request.prompt {
-            Some(p) => p.to_text(),
+            Some(p) => std::borrow::Cow::Borrowed(p.as_str()),
             None => request.payload.payload.to_text(),
         };
         let words = prompt.split_whitespace().count() as u64;

@@ -99,6 +99,8 @@ pub struct Decision {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProviderOutputView {
     pub provider_id: String,
+    /// Left out when the provider gave none (no `null`s on the wire).
+    #[serde(skip_serializing_if = "Value::is_null")]
     pub output: Value,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,

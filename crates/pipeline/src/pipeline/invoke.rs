@@ -125,6 +125,8 @@ impl Pipeline {
         // provider reads `prompt`, `parameters`, `context`; a post-processor
         // written to its document reads `message` and `context`.
         let post = expected == ExtensionType::Post;
+        // A provider's prompt is text, whatever the payload (an object as JSON text).
+        let prompt = provider.as_ref().map(|_| state.message.payload.to_text());
         let body = ExtensionRequestRef {
             trace_id: state.trace_id(),
             tenant_id: tenant,
@@ -132,7 +134,7 @@ impl Pipeline {
             metadata: &state.context,
             config,
             provider_id: provider.as_ref().map(|p| p.provider_id),
-            prompt: provider.as_ref().map(|_| &state.message.payload),
+            prompt: prompt.as_deref(),
             parameters: provider.as_ref().map(|p| p.parameters),
             message: post.then_some(&state.message),
             context: (post || provider.is_some()).then_some(&state.context),

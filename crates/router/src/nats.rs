@@ -305,7 +305,15 @@ pub async fn connect(
                 .map_err(|(key, message)| crate::config::ConfigError::Invalid { key, message })?,
         ),
     };
-    let log = ConnectionLog::default();
+    let uses_tls = only.is_none()
+        && (config.tls_required
+            || config.tls_ca_file.is_some()
+            || config.tls_cert_file.is_some()
+            || seeds.iter().any(|s| s.starts_with("tls://")));
+    let log = ConnectionLog {
+        uses_tls,
+        ..ConnectionLog::default()
+    };
     let events_shown = shown.clone();
     tracing::info!(nats = %shown, auth = config.auth_kind(), tls_required = config.tls_required, "connecting to NATS");
     let client = options
@@ -327,6 +335,9 @@ pub async fn connect(
 #[derive(Clone, Default)]
 pub struct ConnectionLog {
     last_problem: Arc<Mutex<Option<String>>>,
+    /// TLS is configured: a connection cut during set-up is most likely a refused
+    /// handshake (the client library reports it as a bare IO error).
+    uses_tls: bool,
 }
 
 impl ConnectionLog {
@@ -367,7 +378,7 @@ impl ConnectionLog {
         if last.as_deref() == Some(problem.as_str()) {
             return;
         }
-        let (needs_action, what) = explain(&problem);
+        let (needs_action, what) = explain(&problem, self.uses_tls);
         if needs_action {
             tracing::error!(nats = %seeds, error = %problem, "{what}");
         } else {
@@ -379,7 +390,7 @@ impl ConnectionLog {
 
 /// What a client or server error means for the operator, what to check, and whether
 /// someone must act (rather than wait for a server to come back).
-fn explain(problem: &str) -> (bool, &'static str) {
+fn explain(problem: &str, uses_tls: bool) -> (bool, &'static str) {
     let p = problem.to_ascii_lowercase();
     if p.contains("authorization") || p.contains("authentication") {
         (
@@ -400,6 +411,11 @@ fn explain(problem: &str) -> (bool, &'static str) {
         (
             true,
             "TLS with NATS failed: check [nats] tls_ca_file, tls_cert_file/tls_key_file and whether the server requires TLS; retrying",
+        )
+    } else if uses_tls && p.contains("io error") {
+        (
+            true,
+            "the NATS connection was cut during its TLS set-up: a server that requires client certificates (verify: true) refuses one without [nats] tls_cert_file/tls_key_file, or one its CA does not trust; retrying",
         )
     } else {
         (

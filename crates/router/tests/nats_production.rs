@@ -1,6 +1,7 @@
 //! Production NATS with the real binary (issue 14), each test with nats-servers of its
 //! own configured for it: a three-node cluster (first seed down at start, failover of
-//! the router's node under traffic, SIGTERM still ends the process); token,
+//! the router's node under traffic, SIGTERM still ends the process); a credentials
+//! file against an operator-mode server (JWTs made by the test), token,
 //! user/password, NKey (keys made here with the `nkeys` crate) and TLS with a client
 //! certificate (a throwaway CA); wrong credentials (one log line, retries, not ready);
 //! and the least-privilege permission blocks of docs/DEPLOYMENT.md, run verbatim.
@@ -206,17 +207,29 @@ async fn a_cluster_with_the_first_seed_down_and_a_failover_under_traffic() {
     sigterm_exits_zero(&mut router);
 }
 
-/// Token, user/password and NKey: each against a server that requires it, with the
+/// A credentials file (operator mode: JWT + NKey), token, user/password and NKey:
+/// each against a server that requires it, with the
 /// router's side from `[nats]` (a list in `urls`, or environment overrides).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_user_password_and_nkey() {
+async fn credentials_file_token_user_password_and_nkey() {
     let db = database().await;
     let keys = nkeys::KeyPair::new_user();
     let seed = keys.seed().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let seed_file = dir.path().join("router.nk");
     std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
+    // Decentralised auth: an operator-mode server, a `.creds` file (JWT + NKey seed).
+    let operator = beamline_test_support::NatsOperator::new();
+    let router_creds = dir.path().join("router.creds");
+    std::fs::write(&router_creds, operator.user_creds("beamline-router")).unwrap();
+    let ext_creds = operator.user_creds("ext");
     let cases: Vec<(&str, String, String, async_nats::ConnectOptions)> = vec![
+        (
+            "credentials file",
+            operator.server_config(),
+            format!("credentials_file = \"{}\"", router_creds.display()),
+            async_nats::ConnectOptions::with_credentials(&ext_creds).unwrap(),
+        ),
         (
             "token",
             "authorization { token: \"t0k3n-for-beamline\" }".into(),
@@ -257,7 +270,18 @@ async fn token_user_password_and_nkey() {
             .await
             .unwrap_or_else(|e| panic!("{what}: Decide failed: {e}"));
         let log = router.log.lock().unwrap().clone();
-        for secret in ["t0k3n-for-beamline", "pw-for-beamline", seed.as_str()] {
+        let router_seed = std::fs::read_to_string(&router_creds).unwrap();
+        let router_seed = router_seed
+            .lines()
+            .find(|l| l.starts_with("SU"))
+            .unwrap()
+            .to_string();
+        for secret in [
+            "t0k3n-for-beamline",
+            "pw-for-beamline",
+            seed.as_str(),
+            router_seed.as_str(),
+        ] {
             assert!(!log.contains(secret), "{what}: a secret reached the log");
         }
         assert!(log.contains("NATS connected"), "{what}: {log}");
@@ -332,12 +356,18 @@ async fn tls_with_a_client_certificate() {
             ca.ca_pem().display()
         ),
     ));
+    // The client library reports the refused handshake as a bare IO error; the
+    // router says what it most likely is, once.
     wait_until(30, "the refused handshake is reported", async || {
-        refused.log.lock().unwrap().contains("NATS")
-            && (refused.log.lock().unwrap().contains("TLS with NATS failed")
-                || refused.log.lock().unwrap().contains("no NATS seed answers"))
+        let log = refused.log.lock().unwrap();
+        log.contains("TLS with NATS failed") || log.contains("cut during its TLS set-up")
     })
     .await;
+    let log = refused.log.lock().unwrap().clone();
+    assert!(
+        !log.contains("no NATS seed answers"),
+        "a refused handshake is not an absent server: {log}"
+    );
     let (code, body) = http_get(&refused.http, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("NATS not connected"), "{body}");
@@ -453,6 +483,38 @@ async fn least_privilege_permissions_from_the_deployment_guide() {
     let v: Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(v["ok"], true, "{v}");
 
+    // The router's own user may take the intake only in the routers' queue group:
+    // a plain subscription (which would see every caller's request) is refused.
+    let router_events: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorded = router_events.clone();
+    let router_user = async_nats::ConnectOptions::with_user_and_password(
+        "beamline-router".into(),
+        "router-secret".into(),
+    )
+    .event_callback(move |e| {
+        let recorded = recorded.clone();
+        async move { recorded.lock().unwrap().push(e.to_string()) }
+    })
+    .connect(server.url())
+    .await
+    .unwrap();
+    let _spy = router_user
+        .subscribe("beamline.router.v1.decide")
+        .await
+        .unwrap();
+    router_user.flush().await.unwrap();
+    wait_until(
+        10,
+        "the server refuses a subscription outside the group",
+        async || {
+            router_events.lock().unwrap().iter().any(|e| {
+                e.to_lowercase().contains("permissions violation")
+                    && e.contains("beamline.router.v1.decide")
+            })
+        },
+    )
+    .await;
+
     // The extension's user may not listen on another extension's subject ...
     let mut foreign = ext.subscribe(OTHER_SUBJECT).await.unwrap();
     ext.flush().await.unwrap();
@@ -464,13 +526,6 @@ async fn least_privilege_permissions_from_the_deployment_guide() {
     .await;
     // ... so a request for that extension never reaches it (the router's user may
     // publish there; nobody answers).
-    let router_user = async_nats::ConnectOptions::with_user_and_password(
-        "beamline-router".into(),
-        "router-secret".into(),
-    )
-    .connect(server.url())
-    .await
-    .unwrap();
     router_user
         .publish(OTHER_SUBJECT, "for pii_guard only".into())
         .await

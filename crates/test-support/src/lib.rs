@@ -16,6 +16,8 @@
 //! - [`NatsCluster`]: several such servers routed into one cluster.
 //! - [`PgCluster`]: a throwaway PostgreSQL cluster (initdb in a temporary directory)
 //!   on a free port, which the test can stop and restart in the same way.
+//! - [`NatsOperator`]: NATS decentralised auth (operator, account, user JWTs signed
+//!   with NKeys) and `.creds` files, for `credentials_file` tests.
 //! - [`TestCa`]: a throwaway certificate authority issuing server and client
 //!   certificates (for TLS and mTLS tests).
 //! - [`free_port`]: a TCP port on 127.0.0.1 that was free a moment ago.
@@ -60,6 +62,7 @@
 pub mod bench;
 mod database;
 mod nats;
+mod nats_jwt;
 mod postgres;
 mod process;
 mod tls;
@@ -68,6 +71,7 @@ use std::net::{Ipv4Addr, TcpListener};
 
 pub use database::TestDatabase;
 pub use nats::{NatsCluster, NatsServer};
+pub use nats_jwt::NatsOperator;
 pub use postgres::PgCluster;
 pub use tls::{Issued, TestCa};
 

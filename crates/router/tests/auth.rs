@@ -508,6 +508,22 @@ async fn decide_needs_a_key_only_when_configured() {
                 "{anonymous:?}\n{}",
                 std::fs::read_to_string(&config).unwrap()
             );
+            // The CLI's decide: no key is an auth failure (exit 5), not a refusal.
+            let out = router.cli(None, &["decide", "--tenant", "acme", "--payload", "x"]);
+            assert_eq!(out.status.code(), Some(5), "{out:?}");
+            let out = router.cli(
+                Some(VIEWER_KEY),
+                &[
+                    "decide",
+                    "--tenant",
+                    "acme",
+                    "--policy",
+                    "missing",
+                    "--payload",
+                    "x",
+                ],
+            );
+            assert_eq!(out.status.code(), Some(4), "policy_not_found: {out:?}");
         } else {
             assert!(
                 anonymous.message().starts_with("policy_not_found"),

@@ -304,3 +304,142 @@ INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('acme', 'strict', '{
     assert_eq!(d["changes"], 0, "{d}");
     assert_eq!(d["quarantine_entering"], serde_json::json!([]), "{d}");
 }
+
+/// A policy step on an extension that is quarantined and never had a good version
+/// is answered like a dangling reference: `extension_not_found`, the rest served.
+#[tokio::test]
+async fn a_policy_naming_a_quarantined_extension_gets_extension_not_found() {
+    let db = migrated_database().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(SEED).execute(&pool).await.unwrap();
+    // Passes the database's CHECKs, fails ours (a wildcard subject).
+    sqlx::raw_sql(
+        r#"
+INSERT INTO extensions (id, type, subject) VALUES ('fresh_pre', 'pre', 'beamline.ext.pre.>');
+INSERT INTO policies (tenant_id, policy_id, policy) VALUES
+  ('acme', 'default', '{"providers": [{"name": "test_provider"}], "pre": [{"id": "fresh_pre"}]}');
+"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start(&write_config(dir.path(), db.url(), &nats.url(), ""));
+    let s = router.json(Some(VIEWER_KEY), &["registry", "status"]);
+    assert_eq!(s["quarantined"][0]["key"], "fresh_pre", "{s}");
+    assert_eq!(s["quarantined"][0]["serving"], "absent", "{s}");
+
+    let out = router.cli(
+        Some(VIEWER_KEY),
+        &["decide", "--tenant", "acme", "--payload", "hi"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "extension_not_found", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fresh_pre"),
+        "{v}"
+    );
+    // Other tenants are served by the good records.
+    let out = router.cli(
+        Some(VIEWER_KEY),
+        &[
+            "decide",
+            "--tenant",
+            "other",
+            "--payload",
+            "hi",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+/// `registry validate` and `registry diff` read a fixture directory as they read
+/// the database: each bad file named with its field path, nothing changed.
+#[tokio::test]
+async fn validate_and_diff_read_a_fixture_directory() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = dir.path().join("extensions");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&fixtures).unwrap();
+    std::fs::create_dir_all(policies.join("default")).unwrap();
+    std::fs::write(
+        fixtures.join("good.json"),
+        r#"{"id": "good", "type": "pre", "subject": "beamline.ext.pre.good.v1"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("default").join("default.json"),
+        r#"{"providers": [{"name": "p"}], "pre": [{"id": "good"}]}"#,
+    )
+    .unwrap();
+    let config = write_config(dir.path(), "postgres://127.0.0.1:1/none", &nats.url(), "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "source = \"database\"",
+        &format!(
+            "source = \"fixtures\"\nfixtures_dir = \"{}\"\npolicies_dir = \"{}\"",
+            fixtures.display(),
+            policies.display()
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let router = start(&config);
+    let v = router.json(Some(VIEWER_KEY), &["registry", "validate"]);
+    assert_eq!(v["valid"], true, "{v}");
+    assert_eq!(v["source"], "fixtures", "{v}");
+
+    // A bad file and a new good one, not yet reloaded.
+    std::fs::write(
+        fixtures.join("bad.json"),
+        r#"{"id": "bad", "type": "pre", "subject": "beamline.ext.pre.bad.v1", "timeout_ms": 0}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        fixtures.join("other.json"),
+        r#"{"id": "other", "type": "post", "subject": "beamline.ext.post.other.v1"}"#,
+    )
+    .unwrap();
+    let out = router.cli(Some(VIEWER_KEY), &["registry", "validate"]);
+    assert_eq!(out.status.code(), Some(9), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], false, "{v}");
+    let invalid = v["invalid"].as_array().unwrap();
+    assert_eq!(invalid.len(), 1, "{v}");
+    let error = invalid[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("bad.json") && error.contains("timeout_ms"),
+        "names the file and the field: {error}"
+    );
+
+    let before = router.json(Some(VIEWER_KEY), &["registry", "status"]);
+    let d = router.json(Some(VIEWER_KEY), &["registry", "diff"]);
+    assert_eq!(
+        d["extensions"]["added"],
+        serde_json::json!(["other"]),
+        "{d}"
+    );
+    assert_eq!(d["changes"], 1, "{d}");
+    assert!(
+        d["quarantine_entering"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("bad.json"),
+        "{d}"
+    );
+    let after = router.json(Some(VIEWER_KEY), &["registry", "status"]);
+    assert_eq!(
+        before["generation"], after["generation"],
+        "diff changed nothing"
+    );
+    assert!(
+        router
+            .json(Some(VIEWER_KEY), &["ext", "get", "good"])
+            .is_object()
+    );
+}

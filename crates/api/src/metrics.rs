@@ -97,7 +97,7 @@ pub struct Metrics {
     registry: Registry,
     events: EventFamilies,
     state: StateFamilies,
-    tenants: Mutex<HashSet<String>>,
+    tenants: Mutex<HashSet<Arc<str>>>,
     max_tenants: usize,
     /// Counter values already exported for counters mirrored from elsewhere.
     mirrored: Mutex<HashMap<String, u64>>,
@@ -260,16 +260,17 @@ impl Metrics {
     }
 
     /// The tenant label: the tenant itself while under the cap, else `_other`.
-    pub fn tenant_label(&self, tenant: &str) -> String {
+    pub fn tenant_label(&self, tenant: &str) -> Arc<str> {
         let mut seen = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(tenant) {
-            return tenant.to_string();
+        if let Some(known) = seen.get(tenant) {
+            return known.clone();
         }
         if seen.len() < self.max_tenants {
-            seen.insert(tenant.to_string());
-            return tenant.to_string();
+            let label: Arc<str> = Arc::from(tenant);
+            seen.insert(label.clone());
+            return label;
         }
-        OTHER_TENANT.to_string()
+        Arc::from(OTHER_TENANT)
     }
 
     /// Adds `now - last exported` to a counter that mirrors a running total.
@@ -404,7 +405,14 @@ impl Observer for MetricsObserver {
         m.invocation_latency_ms
             .with_label_values(&[e.extension_id, e.ext_type.as_str()])
             .observe(e.latency.as_secs_f64() * 1000.0);
-        let retries = e.attempts.saturating_sub(1).to_string();
+        // Attempts are at most retry + 1 ≤ 4 (the retry limit): no string is made.
+        let retries = match e.attempts.saturating_sub(1) {
+            0 => std::borrow::Cow::Borrowed("0"),
+            1 => "1".into(),
+            2 => "2".into(),
+            3 => "3".into(),
+            n => n.to_string().into(),
+        };
         m.retries_total
             .with_label_values(&[e.extension_id, &retries])
             .inc();
@@ -459,9 +467,9 @@ mod tests {
     #[test]
     fn tenants_past_the_cap_are_other() {
         let m = Metrics::new(&MetricsConfig { max_tenants: 2 });
-        assert_eq!(m.tenant_label("a"), "a");
-        assert_eq!(m.tenant_label("b"), "b");
-        assert_eq!(m.tenant_label("c"), OTHER_TENANT);
-        assert_eq!(m.tenant_label("a"), "a");
+        assert_eq!(&*m.tenant_label("a"), "a");
+        assert_eq!(&*m.tenant_label("b"), "b");
+        assert_eq!(&*m.tenant_label("c"), OTHER_TENANT);
+        assert_eq!(&*m.tenant_label("a"), "a");
     }
 }

@@ -304,7 +304,8 @@ fn check_retry(retry: i64, limits: &Limits) -> Result<u32, ValidationError> {
 }
 
 /// `config` / `metadata` as a validated object. Metadata keys the pipeline reads
-/// (`max_payload_size`, `max_metadata_size`, `allowed_tenants`) must have the right type.
+/// (`max_payload_size`, `max_metadata_size`, `allowed_tenants`, `headers`) must have
+/// the right type.
 fn check_object(
     field: &str,
     value: Value,
@@ -324,6 +325,17 @@ fn check_object(
                     format!("must be a positive integer (bytes), found {v}"),
                 ));
             }
+        }
+        if let Some(v) = map.get("headers")
+            && !v.is_boolean()
+        {
+            return Err(ValidationError::new(
+                "metadata.headers",
+                format!(
+                    "must be true or false (send the Beamline-* headers), found {}",
+                    json_kind(v)
+                ),
+            ));
         }
         if let Some(v) = map.get("allowed_tenants") {
             let ok = v.as_array().is_some_and(|a| a.iter().all(Value::is_string));
@@ -521,6 +533,12 @@ mod tests {
         let mut v = base.clone();
         v["metadata"] = json!({"max_payload_size": "big"});
         assert_eq!(record(v).unwrap_err().field, "metadata.max_payload_size");
+        let mut v = base.clone();
+        v["metadata"] = json!({"headers": "yes"});
+        assert_eq!(record(v).unwrap_err().field, "metadata.headers");
+        let mut v = base.clone();
+        v["metadata"] = json!({"headers": true});
+        assert!(record(v).is_ok());
     }
 
     #[test]

@@ -510,6 +510,143 @@ impl Reply {
     }
 }
 
+/// The keys a reply may use, read in one pass over the body: the rest of a reply (an
+/// echo of the request, say) is skipped without being built.
+#[derive(Deserialize)]
+struct ReplyFields {
+    error: Option<Value>,
+    payload: Option<UpdateField>,
+    message: Option<UpdateField>,
+    metadata: Option<Value>,
+    context: Option<Value>,
+    status: Option<Value>,
+    valid: Option<Value>,
+    reason: Option<Value>,
+    details: Option<Value>,
+    error_code: Option<Value>,
+    error_message: Option<Value>,
+    provider_id: Option<Value>,
+    usage: Option<Value>,
+    output: Option<Value>,
+}
+
+/// A reply's `payload` / `message`: for an object, only the message fields a pre or
+/// post reply may change ([`MessageUpdate::apply`]; the ids are the router's and are
+/// skipped); anything else as it is, for [`Reply::parse`] to judge.
+struct UpdateField(Value);
+
+impl<'de> Deserialize<'de> for UpdateField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = UpdateField;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a message object or text")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<UpdateField, A::Error> {
+                let mut m = Map::new();
+                while let Some(key) = a.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "payload" | "message_type" | "metadata" => {
+                            let v = a.next_value::<Value>()?;
+                            m.insert(key.into_owned(), v);
+                        }
+                        _ => {
+                            a.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(UpdateField(Value::Object(m)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<UpdateField, A::Error> {
+                Value::deserialize(serde::de::value::SeqAccessDeserializer::new(a)).map(UpdateField)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UpdateField, E> {
+                Ok(UpdateField(Value::String(v.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<UpdateField, E> {
+                Ok(UpdateField(Value::String(v)))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<UpdateField, E> {
+                Ok(UpdateField(Value::Bool(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<UpdateField, E> {
+                Ok(UpdateField(Value::from(v)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<UpdateField, E> {
+                Ok(UpdateField(Value::from(v)))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<UpdateField, E> {
+                Ok(UpdateField(Value::from(v)))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<UpdateField, E> {
+                Ok(UpdateField(Value::Null))
+            }
+        }
+        d.deserialize_any(Fields)
+    }
+}
+
+impl Reply {
+    /// [`Reply::parse`] from the reply's bytes, in one pass, building only what a
+    /// reply of any type can say (the keys of [`Reply::parse`]); the JSON shape
+    /// limits are checked on that. Unknown keys are skipped, not built.
+    pub fn parse_slice(
+        ext_type: ExtensionType,
+        body: &[u8],
+        limits: &crate::Limits,
+    ) -> Result<Reply, ReplyError> {
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            // Not an object: the whole reply, for the error that says what it is.
+            let v: Value = serde_json::from_slice(body)
+                .map_err(|e| ReplyError::Invalid(format!("reply is not JSON: {e}")))?;
+            return Reply::parse(ext_type, v, None);
+        }
+        let f: ReplyFields = serde_json::from_slice(body).map_err(|e| {
+            ReplyError::Invalid(if e.is_data() {
+                format!("reply cannot be read: {e}")
+            } else {
+                format!("reply is not JSON: {e}")
+            })
+        })?;
+        let transform = matches!(ext_type, ExtensionType::Pre | ExtensionType::Post);
+        // A validator's or provider's `payload`/`message` is not read: not kept.
+        let update = |u: Option<UpdateField>| u.filter(|_| transform).map(|u| u.0);
+        let mut map = Map::new();
+        let fields = [
+            ("error", f.error),
+            ("payload", update(f.payload)),
+            ("message", update(f.message)),
+            ("metadata", f.metadata),
+            ("context", f.context),
+            ("status", f.status),
+            ("valid", f.valid),
+            ("reason", f.reason),
+            ("details", f.details),
+            ("error_code", f.error_code),
+            ("error_message", f.error_message),
+            ("provider_id", f.provider_id),
+            ("usage", f.usage),
+            ("output", f.output),
+        ];
+        for (key, field) in fields {
+            if let Some(v) = field {
+                map.insert(key.to_string(), v);
+            }
+        }
+        limits
+            .check_map_shape(&map)
+            .map_err(|e| ReplyError::Invalid(format!("reply {}", e.reason)))?;
+        Reply::parse(ext_type, Value::Object(map), None)
+    }
+}
+
 fn take_object(map: &mut Map<String, Value>, key: &str) -> Result<Map<String, Value>, ReplyError> {
     match map.remove(key) {
         None | Some(Value::Null) => Ok(Map::new()),
@@ -819,5 +956,102 @@ mod tests {
         let back: ExtensionRequest =
             serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn parse_slice_reads_what_parse_reads() {
+        let limits = crate::Limits::default();
+        let cases = [
+            (
+                ExtensionType::Pre,
+                json!({"payload": {"payload": "x", "metadata": {"a": 1}, "message_id": "ignored"}, "metadata": {"k": "v"}}),
+            ),
+            (ExtensionType::Pre, json!({"payload": "just text"})),
+            (
+                ExtensionType::Post,
+                json!({"message": {"payload": {"json": [1, 2]}}, "context": {"c": true}}),
+            ),
+            (
+                ExtensionType::Pre,
+                json!({"trace_id": "t", "tenant_id": "acme", "config": {}, "payload": {"payload": "echo"}}),
+            ),
+            (ExtensionType::Pre, json!({})),
+            (
+                ExtensionType::Validator,
+                json!({"status": "reject", "reason": "pii", "details": {"m": "x"}}),
+            ),
+            (ExtensionType::Validator, json!({"valid": true})),
+            (
+                ExtensionType::Validator,
+                json!({"status": "error", "error_code": 5, "error_message": "m"}),
+            ),
+            (
+                ExtensionType::Provider,
+                json!({"provider_id": "p", "output": {"o": 1}, "usage": {"prompt_tokens": 2.5}, "metadata": {"model": "m"}}),
+            ),
+            (
+                ExtensionType::Provider,
+                json!({"status": "error", "error_code": "e", "error_message": "m"}),
+            ),
+            (
+                ExtensionType::Pre,
+                json!({"error": {"code": "c", "message": "m"}}),
+            ),
+            (ExtensionType::Pre, json!({"error": "plain"})),
+            (ExtensionType::Pre, json!({"payload": {"metadata": 5}})),
+            (ExtensionType::Pre, json!({"payload": 5})),
+            (ExtensionType::Provider, json!({"output": "no id"})),
+            (ExtensionType::Pre, json!([1])),
+            (ExtensionType::Pre, json!("text")),
+        ];
+        for (t, body) in cases {
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let mut expected = Reply::parse(t, body.clone(), None);
+            // What parse keeps of a message update is only the fields it applies.
+            if let Ok(Reply::Transform {
+                message: Some(MessageUpdate::Fields(m)),
+                ..
+            }) = &mut expected
+            {
+                m.retain(|k, _| ["payload", "message_type", "metadata"].contains(&k.as_str()));
+            }
+            assert_eq!(
+                Reply::parse_slice(t, &bytes, &limits),
+                expected,
+                "{t:?} {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_slice_skips_what_no_reply_uses_and_limits_what_it_keeps() {
+        let limits = crate::Limits::default();
+        // Unknown keys may be anything, as long as the JSON is well formed.
+        let body = br#"{"echo": {"deep": [[[[[[[[[[[[1]]]]]]]]]]]]}, "payload": "x"}"#;
+        assert_eq!(
+            Reply::parse_slice(ExtensionType::Pre, body, &limits),
+            Ok(Reply::Transform {
+                message: Some(MessageUpdate::Text("x".into())),
+                metadata: Map::new()
+            })
+        );
+        let mut deep = json!(1);
+        for _ in 0..20 {
+            deep = json!([deep]);
+        }
+        let body = serde_json::to_vec(&json!({"metadata": {"k": deep}})).unwrap();
+        let e = Reply::parse_slice(ExtensionType::Pre, &body, &limits).unwrap_err();
+        assert!(
+            matches!(&e, ReplyError::Invalid(m) if m.starts_with("reply ")),
+            "{e}"
+        );
+        for bad in [&b"{"[..], b"{\"payload\": }", b"nope", b""] {
+            let e = Reply::parse_slice(ExtensionType::Pre, bad, &limits).unwrap_err();
+            assert!(
+                matches!(&e, ReplyError::Invalid(m) if m.contains("not JSON")),
+                "{}: {e}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

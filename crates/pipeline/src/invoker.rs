@@ -28,6 +28,12 @@ pub struct InvokerConfig {
     pub retry_backoff_max_ms: u64,
     /// Largest reply accepted from an extension, bytes.
     pub max_reply_bytes: usize,
+    /// Send the `Beamline-Trace-Id`, `Beamline-Tenant-Id`, `Beamline-Extension-Id`
+    /// and `Beamline-Extension-Version` headers with every extension request. Off by
+    /// default: the body carries the trace and tenant ids, and the headers cost NATS
+    /// throughput by themselves (docs/PERFORMANCE.md); an extension's
+    /// `metadata.headers` (true/false) overrides this for that extension.
+    pub extension_headers: bool,
 }
 
 impl Default for InvokerConfig {
@@ -36,6 +42,7 @@ impl Default for InvokerConfig {
             retry_backoff_base_ms: 100,
             retry_backoff_max_ms: 1000,
             max_reply_bytes: 1024 * 1024,
+            extension_headers: false,
         }
     }
 }
@@ -154,6 +161,8 @@ pub struct Call<'a> {
     pub trace_id: &'a str,
     pub tenant_id: &'a str,
     pub deadline: Instant,
+    /// Whether the protocol's `Beamline-*` headers go with the request.
+    pub headers: bool,
 }
 
 impl Invoker {
@@ -171,6 +180,15 @@ impl Invoker {
 
     pub fn config(&self) -> &InvokerConfig {
         &self.config
+    }
+
+    /// Whether calls to `extension` carry the `Beamline-*` headers: its
+    /// `metadata.headers` when it says, else `[pipeline] extension_headers`.
+    pub fn sends_headers(&self, extension: &Extension) -> bool {
+        match extension.metadata.get("headers") {
+            Some(serde_json::Value::Bool(b)) => *b,
+            _ => self.config.extension_headers,
+        }
     }
 
     /// The protocol's headers, built afresh for each attempt: cheaper than cloning
@@ -233,13 +251,15 @@ impl Invoker {
                 });
             }
             attempts += 1;
-            let request = async_nats::Request::new()
+            let mut request = async_nats::Request::new()
                 .payload(call.body.clone())
-                .headers(Self::headers(&call))
                 .timeout(Some(per_attempt.min(remaining)));
+            if call.headers {
+                request = request.headers(Self::headers(&call));
+            }
             let failure = match self
                 .client
-                .send_request(call.subject.to_string(), request)
+                .send_request(async_nats::Subject::from(call.subject), request)
                 .await
             {
                 Ok(msg) => break self.parse(call.extension, msg),
@@ -296,12 +316,7 @@ impl Invoker {
         if let Some((code, message)) = service_error {
             return Err(InvokeError::Extension { code, message });
         }
-        let body: serde_json::Value = serde_json::from_slice(&msg.payload)
-            .map_err(|e| InvokeError::InvalidReply(format!("reply is not JSON: {e}")))?;
-        self.limits
-            .check_json_shape(&body)
-            .map_err(|e| InvokeError::InvalidReply(format!("reply {}", e.reason)))?;
-        Reply::parse(ext.ext_type, body, None).map_err(|e| match e {
+        Reply::parse_slice(ext.ext_type, &msg.payload, &self.limits).map_err(|e| match e {
             ReplyError::Extension { code, message } => InvokeError::Extension { code, message },
             ReplyError::Invalid(m) => InvokeError::InvalidReply(m),
         })

@@ -218,8 +218,13 @@ async fn unreadable_and_error_replies_name_the_extension_and_the_field() {
 
 #[tokio::test]
 async fn one_trace_id_per_request_generated_when_the_caller_sends_none() {
+    // Both opt in to the Beamline-* headers (off by default).
+    let mut a = ext("a", "pre", 1000, 0);
+    a["metadata"] = json!({"headers": true});
+    let mut prov = ext("prov", "provider", 1000, 0);
+    prov["metadata"] = json!({"headers": true});
     let h = Harness::new(
-        json!([ext("a", "pre", 1000, 0), ext("prov", "provider", 1000, 0)]),
+        json!([a, prov]),
         json!({"providers": [{"name": "p", "extension": "prov"}], "pre": [{"id": "a"}]}),
     )
     .await;
@@ -422,4 +427,60 @@ async fn an_optional_post_failing_on_the_answer_leaves_it_and_when_can_skip_it()
     );
     assert_eq!(d.provider_output.unwrap().output, "MOCK RESPONSE TO: HI");
     assert_eq!(shout_seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn the_beamline_headers_go_only_to_extensions_that_want_them() {
+    let mut with = ext("with", "pre", 1000, 0);
+    with["metadata"] = json!({"headers": true});
+    let h = Harness::new(
+        json!([ext("plain", "pre", 1000, 0), with]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "plain"}, {"id": "with"}]}),
+    )
+    .await;
+    let (_a, plain_seen) = serve_recording(&h.client, &h.subject("plain"), |_| json!({})).await;
+    let (_b, with_seen) = serve_recording(&h.client, &h.subject("with"), |_| json!({})).await;
+    h.pipeline.decide(h.request("x")).await.unwrap();
+    let plain = plain_seen.lock().unwrap()[0].clone();
+    assert!(plain.headers.is_empty(), "{:?}", plain.headers);
+    assert_eq!(
+        plain.body["trace_id"], "trace-1",
+        "the body carries the ids"
+    );
+    assert_eq!(plain.body["tenant_id"], "acme");
+    let with = with_seen.lock().unwrap()[0].clone();
+    assert_eq!(with.headers["Beamline-Trace-Id"], "trace-1");
+    assert_eq!(with.headers["Beamline-Tenant-Id"], "acme");
+    assert_eq!(with.headers["Beamline-Extension-Id"], "with");
+    assert_eq!(with.headers["Beamline-Extension-Version"], "v1");
+}
+
+#[tokio::test]
+async fn extension_headers_on_sends_them_to_every_extension_but_those_that_say_no() {
+    let mut without = ext("without", "pre", 1000, 0);
+    without["metadata"] = json!({"headers": false});
+    let config = PipelineConfig {
+        invoker: beamline_pipeline::InvokerConfig {
+            extension_headers: true,
+            ..fast_invoker()
+        },
+        ..PipelineConfig::default()
+    };
+    let h = Harness::custom(
+        json!([ext("plain", "pre", 1000, 0), without]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "plain"}, {"id": "without"}]}),
+        BreakerConfig::default(),
+        Limits::default(),
+        config,
+        &beamline_test_support::nats_url(),
+    )
+    .await;
+    let (_a, plain_seen) = serve_recording(&h.client, &h.subject("plain"), |_| json!({})).await;
+    let (_b, without_seen) = serve_recording(&h.client, &h.subject("without"), |_| json!({})).await;
+    h.pipeline.decide(h.request("x")).await.unwrap();
+    assert_eq!(
+        plain_seen.lock().unwrap()[0].headers["Beamline-Extension-Id"],
+        "plain"
+    );
+    assert!(without_seen.lock().unwrap()[0].headers.is_empty());
 }

@@ -26,7 +26,7 @@ pub(crate) struct StepMeta {
 impl StepMeta {
     /// The `executed_extensions` entry of a call that ended with `status`.
     pub fn entry(
-        &self,
+        self,
         ext_type: ExtensionType,
         id: &str,
         status: StepStatus,
@@ -37,8 +37,8 @@ impl StepMeta {
             id: id.to_string(),
             status,
             latency_ms: self.latency.as_secs_f64() * 1000.0,
-            version: self.version.clone(),
-            instance: self.instance.clone(),
+            version: self.version,
+            instance: self.instance,
             error,
         }
     }
@@ -84,7 +84,7 @@ impl Pipeline {
         let Some(entry) = state.snapshot.entry(id) else {
             return fail(InvokeError::NotFound, None);
         };
-        let resolved = entry.resolve(&state.context).clone();
+        let resolved = entry.resolve(&state.context);
         if resolved.ext_type != expected {
             return fail(
                 InvokeError::WrongType {
@@ -139,8 +139,10 @@ impl Pipeline {
             message: post.then_some(&state.message),
             context: (post || provider.is_some()).then_some(&state.context),
         };
-        let body = match serde_json::to_vec(&body) {
-            Ok(b) => bytes::Bytes::from(b),
+        // Sized once for the usual request (ids, context, a short text) plus the text.
+        let mut buf = Vec::with_capacity(768 + state.message.payload.byte_len());
+        let body = match serde_json::to_writer(&mut buf, &body) {
+            Ok(()) => bytes::Bytes::from(buf),
             Err(e) => {
                 return fail(
                     InvokeError::Transport(format!("cannot encode request: {e}")),
@@ -193,22 +195,25 @@ impl Pipeline {
 
         // Instances serve the base version; a routed version is reached on its own subject.
         let base_version = entry.base.version == resolved.version;
-        let (subject, instance) = if base_version && !entry.instances.is_empty() {
-            self.pick_instance(id, &entry.instances, &rt.balancer, &resolved.subject, now)
+        let chosen = if base_version && !entry.instances.is_empty() {
+            self.pick_instance(id, &entry.instances, &rt.balancer, now)
         } else {
-            (resolved.subject.clone(), None)
+            None
         };
+        let subject = chosen.map_or(resolved.subject.as_str(), |i| i.subject.as_str());
+        let instance = chosen.map(|i| i.instance_id.clone());
 
         let (outcome, stats) = self
             .inner
             .invoker
             .call(Call {
-                extension: &resolved,
-                subject: &subject,
+                extension: resolved,
+                subject,
                 body,
                 trace_id: state.trace_id(),
                 tenant_id: tenant,
                 deadline: state.deadline,
+                headers: self.inner.invoker.sends_headers(resolved),
             })
             .await;
         let end = self.inner.runtime.now();
@@ -295,15 +300,15 @@ impl Pipeline {
     }
 
     /// Smooth WRR over enabled, not-unhealthy instances whose own breaker admits
-    /// calls; none eligible → the first enabled instance; none enabled → the subject.
-    fn pick_instance(
+    /// calls; none eligible → the first enabled instance; none enabled → `None` (the
+    /// extension's own subject).
+    fn pick_instance<'e>(
         &self,
         id: &str,
-        instances: &[beamline_model::ExtensionInstance],
+        instances: &'e [beamline_model::ExtensionInstance],
         balancer: &SmoothWrr,
-        fallback_subject: &str,
         now: Instant,
-    ) -> (String, Option<String>) {
+    ) -> Option<&'e beamline_model::ExtensionInstance> {
         let eligible: Vec<&beamline_model::ExtensionInstance> = instances
             .iter()
             .filter(|i| {
@@ -319,13 +324,10 @@ impl Pipeline {
         let chosen = balancer
             .pick(eligible.iter().map(|i| (i.instance_id.as_str(), i.weight)))
             .map(|k| eligible[k])
-            .or_else(|| instances.iter().find(|i| i.enabled));
-        match chosen {
-            Some(i) => {
-                self.inner.observer.instance_selected(id, &i.instance_id);
-                (i.subject.clone(), Some(i.instance_id.clone()))
-            }
-            None => (fallback_subject.to_string(), None),
-        }
+            .or_else(|| instances.iter().find(|i| i.enabled))?;
+        self.inner
+            .observer
+            .instance_selected(id, &chosen.instance_id);
+        Some(chosen)
     }
 }

@@ -1633,9 +1633,31 @@ pub async fn status(
         _ => json!({"action": "none", "reason": "the rollout is over"}),
     };
     let mut candidate = stats_json(&m.measurement.candidate, Some(m.candidate_routers));
-    candidate["version"] = json!(r.candidate_version);
     candidate["breaker_opened_since_start"] = json!(m.measurement.candidate_breaker_opened);
     let mut baseline = stats_json(&m.baseline_window, Some(m.baseline_routers));
+    let mut compared = json!({
+        "source": m.measurement.baseline_source,
+        "calls": m.measurement.baseline.calls,
+        "error_rate": m.measurement.baseline.error_rate(),
+        "p95_latency_ms": m.measurement.baseline.p95_ms(),
+    });
+    let mut criteria = serde_json::to_value(&j.criteria).unwrap_or(Value::Null);
+    // An ended rollout shows what the judge measured when it made the final move,
+    // not the window as it stands since.
+    let mut measured = "now, over the current step's window";
+    if r.state.is_terminal()
+        && let Some(last) = history.iter().rev().find_map(|h| h.measurements.clone())
+    {
+        candidate = last["candidate"].clone();
+        candidate["breaker_opened_since_start"] =
+            last["candidate_breaker_opened_since_start"].clone();
+        baseline = last["baseline"].clone();
+        compared = last["compared_baseline"].clone();
+        compared["source"] = last["baseline_source"].clone();
+        criteria = last["criteria"].clone();
+        measured = "at the final move";
+    }
+    candidate["version"] = json!(r.candidate_version);
     baseline["version"] = json!(r.baseline_version);
     Ok(json!({
         "extension_id": r.extension_id,
@@ -1658,15 +1680,11 @@ pub async fn status(
         "min_calls_per_step": r.plan.min_calls_per_step,
         "step_duration_ms": r.plan.step_duration.as_millis() as u64,
         "criteria_config": r.plan.criteria,
+        "measured": measured,
         "candidate": candidate,
         "baseline": baseline,
-        "compared_baseline": {
-            "source": m.measurement.baseline_source,
-            "calls": m.measurement.baseline.calls,
-            "error_rate": m.measurement.baseline.error_rate(),
-            "p95_latency_ms": m.measurement.baseline.p95_ms(),
-        },
-        "criteria": j.criteria,
+        "compared_baseline": compared,
+        "criteria": criteria,
         "next": next,
         "written_rules": r.written_rules,
         "judged_by": r.judged_by,

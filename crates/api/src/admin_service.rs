@@ -54,6 +54,26 @@ pub fn status_of_registry(e: &RegistryError) -> Status {
     }
 }
 
+/// The log line of an operator's canary move (the judge logs its own).
+fn log_rollout_move(r: &beamline_registry::canary::Rollout, by: &str) {
+    tracing::info!(
+        extension_id = %r.extension_id,
+        rollout_id = r.id,
+        candidate = %r.candidate_version,
+        baseline = %r.baseline_version,
+        state = r.state.as_str(),
+        step = r.current_step + 1,
+        steps = r.plan.steps.len(),
+        by,
+        reason = r.reason.as_deref().unwrap_or(""),
+        "canary rollout {} by {by}: {} {} → {}",
+        r.state,
+        r.extension_id,
+        r.baseline_version,
+        r.candidate_version
+    );
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -194,6 +214,9 @@ impl AdminService {
         self.write(req, Role::Operator, "versions", async |pool, db, by| {
             let o = writes::route_version(pool, db, &id, version.as_deref(), &routing, by, &limits)
                 .await?;
+            if let Some(rollout) = o.paused_rollout {
+                tracing::warn!(extension_id = %id, rollout_id = rollout, version = %o.version, by, "canary rollout paused: {id}'s routing changed by hand");
+            }
             Ok(json!({
                 "extension_id": id,
                 "version": o.version,
@@ -251,6 +274,7 @@ impl AdminService {
         let id = req.get_ref().id.clone();
         self.write(&req, Role::Operator, "rollouts", async |pool, db, by| {
             let r = beamline_registry::canary::operator_move(pool, db, &id, mv, by).await?;
+            log_rollout_move(&r, by);
             Ok(json!({"rollout": r.to_json()}))
         })
         .await
@@ -970,6 +994,7 @@ impl RouterAdmin for AdminService {
         };
         self.write(&req, Role::Operator, "rollouts", async |pool, db, by| {
             let r = beamline_registry::canary::start(pool, db, start, by).await?;
+            log_rollout_move(&r, by);
             Ok(json!({"rollout": r.to_json()}))
         })
         .await

@@ -1646,7 +1646,7 @@ pub async fn status(
     // not the window as it stands since.
     let mut measured = "now, over the current step's window";
     if r.state.is_terminal()
-        && let Some(last) = history.iter().rev().find_map(|h| h.measurements.clone())
+        && let Some(last) = history.last().and_then(|h| h.measurements.clone())
     {
         candidate = last["candidate"].clone();
         candidate["breaker_opened_since_start"] =

@@ -126,6 +126,8 @@ pub struct Judge {
     ticks: u64,
     /// The last problem logged, so a lasting one is logged once.
     last_problem: Option<String>,
+    /// Whether the current tick met a problem (else `last_problem` is forgotten).
+    troubled: bool,
 }
 
 async fn bounded<T, E: std::fmt::Display>(
@@ -153,6 +155,7 @@ impl Judge {
             pending: HashMap::new(),
             ticks: 0,
             last_problem: None,
+            troubled: false,
         }
     }
 
@@ -171,6 +174,7 @@ impl Judge {
     }
 
     fn problem(&mut self, message: String) {
+        self.troubled = true;
         if self.last_problem.as_ref() != Some(&message) {
             tracing::warn!(error = %message, "canary judge: {message}");
             self.last_problem = Some(message);
@@ -219,6 +223,14 @@ impl Judge {
     /// One evaluation interval's work.
     pub async fn tick(&mut self) {
         self.ticks += 1;
+        self.troubled = false;
+        self.work().await;
+        if !self.troubled {
+            self.last_problem = None;
+        }
+    }
+
+    async fn work(&mut self) {
         let Some((pool, db)) = self.database() else {
             return;
         };
@@ -256,7 +268,6 @@ impl Judge {
             self.drop_session();
             return;
         }
-        self.last_problem = None;
         let prune_every = (300_000 / self.config.evaluation_interval_ms).max(1);
         if self.ticks.is_multiple_of(prune_every)
             && let Some(session) = self.session.as_mut()
@@ -376,6 +387,7 @@ impl Judge {
             return Ok(());
         };
         let ids = bounded("listing rollouts to judge", store::judgeable(session, db)).await?;
+        let mut unjudged = Vec::new();
         for id in ids {
             let outcome = match tokio::time::timeout(
                 DB_BOUND,
@@ -384,11 +396,15 @@ impl Judge {
             .await
             {
                 Ok(Ok(o)) => o,
-                Ok(Err(e)) if e.is_retryable() => return Err(format!("judging rollout {id}: {e}")),
+                Ok(Err(e)) if e.kind() == beamline_registry::ErrorKind::Unreachable => {
+                    return Err(format!("judging rollout {id}: {e}"));
+                }
                 Ok(Err(e)) => {
-                    // This rollout's data is wrong (say, a candidate that no longer
-                    // validates as a base record): say so, judge the others.
-                    tracing::warn!(rollout_id = id, error = %e, "canary judge: cannot judge rollout");
+                    // This rollout cannot be judged (a row our validation refuses, a
+                    // candidate that does not validate as a base record, a statement
+                    // the database refused; its transaction is rolled back): say so,
+                    // judge the others, keep the lock.
+                    unjudged.push(format!("cannot judge rollout {id}: {e}"));
                     continue;
                 }
                 Err(_) => {
@@ -401,6 +417,9 @@ impl Judge {
             if let (Some(m), Some(r)) = (&outcome.moved, &outcome.rollout) {
                 log_move(r, m);
             }
+        }
+        for p in unjudged {
+            self.problem(p);
         }
         Ok(())
     }

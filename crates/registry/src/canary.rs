@@ -172,6 +172,9 @@ impl RolloutRow {
             step_duration: Duration::from_millis(u64::try_from(self.step_duration_ms).unwrap_or(0)),
             criteria,
         };
+        // A plan written by hand in SQL gets the checks `start` makes (a last step
+        // short of 100 % would otherwise "promote" a partial rollout).
+        plan.validate().map_err(invalid)?;
         let state: RolloutState = self
             .state
             .parse()

@@ -557,3 +557,41 @@ async fn start_refuses_what_cannot_work() {
             .contains("instance")
     );
 }
+
+/// A row written by hand that passes the CHECKs but not our validation (a last step
+/// short of 100 %) is refused with its field, by the judge and by status, instead of
+/// being "promoted" at 25 %.
+#[tokio::test]
+async fn a_hand_written_rollout_our_validation_refuses_is_not_judged() {
+    let (db, pool) = seeded().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO extension_rollouts (extension_id, candidate_version, baseline_version, steps) \
+         VALUES ('normalize_text', 'v2', 'v1', '[5, 25]') RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let mut conn = PgConnection::connect(db.url()).await.unwrap();
+    let err = canary::judge(&mut conn, DB, id, "canary:test-router", &Limits::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("steps[1]"), "{err}");
+    assert_eq!(
+        rules_of(&pool, "v2").await,
+        json!({"tenant_id": []}),
+        "nothing written"
+    );
+    let err = canary::status(&pool, DB, "normalize_text")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("extension_rollouts"), "{err}");
+    let (ok, bad) = canary::for_metrics(&pool, DB).await.unwrap();
+    assert!(ok.is_empty() && bad.len() == 1);
+    // The connection is still usable for the next rollout.
+    assert!(
+        canary::judgeable(&mut conn, DB)
+            .await
+            .unwrap()
+            .contains(&id)
+    );
+}

@@ -11,6 +11,18 @@
 //!   exactly one series (`state` = the current one) and a removed extension leaves
 //!   none.
 //!
+//! Canary rollouts (DESIGN.md §12) are state too, read from what the judge last saw
+//! ([`beamline_pipeline::canary::CanaryBoard`]; every router reads the same table, so
+//! every router exports the same series): `router_extension_rollout_state`
+//! (`extension_id`, `state`) is one-hot — one series per state, 1 for the current one,
+//! 0 for the other five — so `…{state="rolled_back"} == 1` selects rolled-back
+//! rollouts; `router_extension_rollout_step` is the percent of tenants the candidate
+//! serves (a tenant-list step, a rollback or an abort: 0; promoted: 100);
+//! `router_extension_rollout_last_move_timestamp_seconds` is when the rollout last
+//! moved (the "stuck" alert); `router_extension_rollout_judge` is 1 on the router
+//! holding the judge's lock. A rollout is exported while active and for an hour after
+//! it ended.
+//!
 //! `tenant_id` is bounded: the first [`MetricsConfig::max_tenants`] distinct tenants
 //! keep their own label value, later ones are reported as `_other`.
 
@@ -90,6 +102,10 @@ struct StateFamilies {
     registry_quarantined: IntGaugeVec,
     instance_health: IntGaugeVec,
     rbac_denied_total: IntCounterVec,
+    rollout_state: IntGaugeVec,
+    rollout_step: GaugeVec,
+    rollout_last_move: GaugeVec,
+    rollout_judge: prometheus::IntGauge,
 }
 
 /// All router metrics and their registry.
@@ -243,6 +259,34 @@ impl Metrics {
                 "Admin calls refused for a role too small.",
                 &["resource"],
             ),
+            rollout_state: int_gauge(
+                &r,
+                "router_extension_rollout_state",
+                "Canary rollout state, one-hot: 1 for the current state (pending, running, paused, promoted, rolled_back, aborted), 0 for the others.",
+                &["extension_id", "state"],
+            ),
+            rollout_step: gauge(
+                &r,
+                "router_extension_rollout_step",
+                "Percent of tenants the canary candidate serves (0 for a tenant-list step, a rollback or an abort; 100 once promoted).",
+                &["extension_id"],
+            ),
+            rollout_last_move: gauge(
+                &r,
+                "router_extension_rollout_last_move_timestamp_seconds",
+                "When the canary rollout last moved (created, started, advanced, paused, resumed, ended), Unix seconds.",
+                &["extension_id"],
+            ),
+            rollout_judge: {
+                let g = prometheus::IntGauge::new(
+                    "router_extension_rollout_judge",
+                    "1 when this router holds the canary judge's advisory lock.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
         };
         // Zero series for the labels every dashboard expects, so rates exist from the start.
         for s in ["success", "error"] {
@@ -350,6 +394,26 @@ impl Metrics {
             s.registry_quarantined
                 .with_label_values(&[table.as_str()])
                 .set(n as i64);
+        }
+        s.rollout_state.reset();
+        s.rollout_step.reset();
+        s.rollout_last_move.reset();
+        let board = pipeline.canary();
+        s.rollout_judge.set(i64::from(board.is_judge()));
+        for r in board.rollouts() {
+            let id = r.extension_id.as_str();
+            for state in beamline_model::canary::RolloutState::ALL {
+                s.rollout_state
+                    .with_label_values(&[id, state.as_str()])
+                    .set(i64::from(state == r.state));
+            }
+            s.rollout_step
+                .with_label_values(&[id])
+                .set(r.share_percent());
+            let moved = r.last_move_at.unwrap_or(r.created_at);
+            s.rollout_last_move
+                .with_label_values(&[id])
+                .set(moved.timestamp_millis() as f64 / 1000.0);
         }
         let (ok, failed) = registry.sync_counts();
         self.mirror(

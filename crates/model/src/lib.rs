@@ -7,7 +7,10 @@
 //!
 //! Layout:
 //! - [`extension`]: extensions, versions, instances, their types and validation.
-//! - [`routing`]: a version's `routing_rules` and how they match a request context.
+//! - [`routing`]: a version's `routing_rules` and how they match a request context
+//!   (including the stable share of tenants, `{"share": 5}`).
+//! - [`canary`]: progressive delivery — a rollout's plan, its validation, and the
+//!   judgement of a candidate version against its baseline.
 //! - [`policy`]: tenant policies, pipeline steps and `when` conditions.
 //! - [`limits`]: the size, depth and range limits, with their error names.
 //! - [`subject`]: what a valid NATS subject is.
@@ -16,6 +19,7 @@
 //! - [`codes`]: the error codes a request can fail with.
 //! - [`error`]: [`ValidationError`], which names the field and the reason.
 
+pub mod canary;
 pub mod codes;
 pub mod error;
 pub mod extension;

@@ -6,9 +6,12 @@
 //! timeout and retries ([`invoker`]), and health recording ([`health`]). Live
 //! per-extension state lives in [`runtime`], apart from the registry snapshot, so
 //! reloads never reset it; [`observer`] is how metrics and logs hear about it all.
+//! [`canary`] is the judge of canary rollouts, which runs in every router and acts in
+//! the one holding its PostgreSQL advisory lock.
 
 pub mod balancer;
 pub mod breaker;
+pub mod canary;
 pub mod health;
 pub mod invoker;
 pub mod observer;
@@ -17,6 +20,7 @@ pub mod pipeline;
 pub mod runtime;
 
 pub use breaker::{BreakerConfig, BreakerState};
+pub use canary::CanaryConfig;
 pub use invoker::{InvokeError, InvokerConfig};
 pub use observer::{InvocationEvent, Observer};
 pub use pipeline::{

@@ -89,6 +89,7 @@ struct Inner {
     observer: Arc<dyn Observer>,
     config: PipelineConfig,
     limits: Limits,
+    canary: Arc<crate::canary::CanaryBoard>,
 }
 
 impl Pipeline {
@@ -109,6 +110,7 @@ impl Pipeline {
                 observer: Arc::new(NoopObserver),
                 config,
                 limits,
+                canary: Arc::default(),
             }),
         }
     }
@@ -124,6 +126,7 @@ impl Pipeline {
             observer: arc.observer.clone(),
             config: arc.config.clone(),
             limits: arc.limits.clone(),
+            canary: arc.canary.clone(),
         });
         Pipeline {
             inner: Arc::new(Inner { observer, ..inner }),
@@ -136,6 +139,11 @@ impl Pipeline {
 
     pub fn runtime(&self) -> &RuntimeTable {
         &self.inner.runtime
+    }
+
+    /// What the canary judge last saw (rollouts, whether this router judges).
+    pub fn canary(&self) -> &crate::canary::CanaryBoard {
+        &self.inner.canary
     }
 
     /// Where the pipeline reports what it does; the intakes report through it too.

@@ -42,6 +42,8 @@ pub struct Config {
     pub metrics: beamline_api::metrics::MetricsConfig,
     /// The process's lifecycle (how long a stop may drain).
     pub server: ServerConfig,
+    /// The canary judge (progressive delivery, `ext canary`).
+    pub canary: beamline_pipeline::CanaryConfig,
 }
 
 /// `[server]`: the stop sequence's bounds (docs/RUNBOOK.md, "Stopping a router").
@@ -322,6 +324,9 @@ impl Config {
                 ),
             ));
         }
+        self.canary
+            .validate()
+            .map_err(|(k, m)| (format!("canary.{k}"), m))?;
         if self.metrics.max_tenants == 0 {
             return Err(("metrics.max_tenants".into(), "must be at least 1".into()));
         }
@@ -402,6 +407,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("BEAMLINE_LOG_FORMAT", "log.format"),
     ("BEAMLINE_LOG_LEVEL", "log.level"),
     ("BEAMLINE_DRAIN_TIMEOUT_MS", "server.drain_timeout_ms"),
+    ("BEAMLINE_CANARY_ENABLED", "canary.enabled"),
+    (
+        "BEAMLINE_CANARY_EVALUATION_INTERVAL_MS",
+        "canary.evaluation_interval_ms",
+    ),
     (
         "BEAMLINE_ADMIN_KEY",
         "admin.api_keys (an admin key named \"env\")",
@@ -506,6 +516,12 @@ fn apply_env(
             "BEAMLINE_LOG_LEVEL" => config.log.level = value.to_string(),
             "BEAMLINE_DRAIN_TIMEOUT_MS" => {
                 config.server.drain_timeout_ms = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a whole number of ms")))?
+            }
+            "BEAMLINE_CANARY_ENABLED" => config.canary.enabled = parse_bool(value).map_err(fail)?,
+            "BEAMLINE_CANARY_EVALUATION_INTERVAL_MS" => {
+                config.canary.evaluation_interval_ms = value
                     .parse()
                     .map_err(|_| fail(format!("'{shown}' is not a whole number of ms")))?
             }
@@ -721,6 +737,47 @@ key_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
         .unwrap_err()
         .to_string();
         assert!(err.contains("nats.") && !err.contains("t0k3n-xyz"), "{err}");
+    }
+
+    #[test]
+    fn canary_keys_load_validate_and_come_from_the_environment() {
+        let c = load("", &[]).unwrap();
+        assert!(c.canary.enabled);
+        assert_eq!(c.canary.evaluation_interval_ms, 10_000);
+        let c = load(
+            "[canary]\nenabled = false\nevaluation_interval_ms = 250\n",
+            &[],
+        )
+        .unwrap();
+        assert!(!c.canary.enabled);
+        assert_eq!(c.canary.evaluation_interval_ms, 250);
+        let err = load("[canary]\nevaluation_interval_ms = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("canary.evaluation_interval_ms") && err.contains("100..=3600000"),
+            "{err}"
+        );
+        let err = load("[canary]\ninterval = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("interval"), "{err}");
+        let c = load(
+            "",
+            &[
+                ("BEAMLINE_CANARY_ENABLED", "false"),
+                ("BEAMLINE_CANARY_EVALUATION_INTERVAL_MS", "500"),
+            ],
+        )
+        .unwrap();
+        assert!(!c.canary.enabled && c.canary.evaluation_interval_ms == 500);
+        let err = load("", &[("BEAMLINE_CANARY_EVALUATION_INTERVAL_MS", "often")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("BEAMLINE_CANARY_EVALUATION_INTERVAL_MS"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -74,6 +74,8 @@ struct Running {
     readiness: JoinHandle<()>,
     sync: JoinHandle<()>,
     persist: JoinHandle<()>,
+    /// The canary judge (`[canary] enabled`); stops with the health persister.
+    canary: Option<JoinHandle<()>>,
     demo: Vec<JoinHandle<()>>,
     /// `--demo`'s own nats-server, when it started one.
     private_nats: Option<PrivateNats>,
@@ -194,6 +196,14 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
             persist_stop.clone(),
         ),
     );
+    // The canary judge: reports per-version health and, holding the lock, judges
+    // rollouts; it stops after the drain too, so the last calls are reported.
+    let canary = config.canary.enabled.then(|| {
+        tokio::spawn(
+            beamline_pipeline::canary::Judge::new(pipeline.clone(), config.canary.clone())
+                .run(persist_stop.clone()),
+        )
+    });
     let http_stop = CancellationToken::new();
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -311,6 +321,7 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
         readiness,
         sync,
         persist,
+        canary,
         demo,
         private_nats,
     })
@@ -353,8 +364,10 @@ impl Running {
         self.grpc.abort();
         self.readiness.abort();
 
-        // Health last, after the final requests were answered.
+        // Health last, after the final requests were answered: extension_health and
+        // the canary judge's last per-version report, together within one bound.
         self.persist_stop.cancel();
+        let persist_started = Instant::now();
         if tokio::time::timeout(PERSIST_BOUND, &mut self.persist)
             .await
             .is_err()
@@ -364,6 +377,16 @@ impl Running {
                 bound_ms = PERSIST_BOUND.as_millis() as u64,
                 "extension_health was not written at shutdown within its bound (database unreachable?); stopping anyway"
             );
+        }
+        if let Some(canary) = self.canary.as_mut() {
+            let left = PERSIST_BOUND.saturating_sub(persist_started.elapsed());
+            if tokio::time::timeout(left, &mut *canary).await.is_err() {
+                canary.abort();
+                tracing::warn!(
+                    bound_ms = PERSIST_BOUND.as_millis() as u64,
+                    "the canary judge's last report did not finish within the persistence bound; stopping anyway"
+                );
+            }
         }
         for task in &self.demo {
             task.abort();

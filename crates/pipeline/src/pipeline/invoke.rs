@@ -217,9 +217,17 @@ impl Pipeline {
             .as_ref()
             .err()
             .is_none_or(InvokeError::counts_against_extension);
+        // Per-version calls for the canary judge, for extensions that have versions.
+        let versioned = !entry.versions.is_empty();
         if counts {
             rt.health.record(end, stats.latency, success);
+            if versioned {
+                rt.record_version(&resolved.version, stats.latency, success);
+            }
             if let Some(t) = permit.record(success, end) {
+                if versioned && t.to == crate::breaker::BreakerState::Open {
+                    rt.version_breaker_opened(&resolved.version);
+                }
                 self.breaker_changed(id, None, t);
             }
             if let Some(inst) = &instance

@@ -274,7 +274,10 @@ mod tests {
 
     #[test]
     fn tracestate_is_bounded_and_printable() {
-        assert_eq!(usable_tracestate(" rojo=00f067aa0ba902b7 "), Some("rojo=00f067aa0ba902b7"));
+        assert_eq!(
+            usable_tracestate(" rojo=00f067aa0ba902b7 "),
+            Some("rojo=00f067aa0ba902b7")
+        );
         assert_eq!(usable_tracestate(""), None);
         assert_eq!(usable_tracestate("a=\u{7}"), None);
         assert_eq!(usable_tracestate(&"a".repeat(MAX_TRACESTATE_LEN + 1)), None);

@@ -375,3 +375,137 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
         self.inner.set_resource(resource);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use beamline_pipeline::trace::{TraceParent, remote_context};
+    use beamline_test_support::OtlpReceiver;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    fn parent(flags: u8) -> opentelemetry::Context {
+        remote_context(
+            &TraceParent {
+                trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+                parent_id: 0x00f067aa0ba902b7,
+                flags,
+            },
+            None,
+        )
+    }
+
+    /// Makes three finished spans through `provider`: a new trace, one under an
+    /// unsampled caller, one under a sampled caller.
+    fn three_spans(provider: &SdkTracerProvider) {
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            let root = tracing::info_span!("new_trace");
+            let _ = root.context();
+            drop(root);
+            for (name, flags) in [("unsampled_parent", 0), ("sampled_parent", 1)] {
+                let span = tracing::info_span!("child", otel.name = name);
+                span.set_parent(parent(flags)).unwrap();
+                let _ = span.context();
+            }
+        });
+    }
+
+    async fn flush(provider: &SdkTracerProvider) {
+        let p = provider.clone();
+        tokio::task::spawn_blocking(move || p.force_flush())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    fn names(receiver: &OtlpReceiver) -> Vec<String> {
+        receiver.spans().into_iter().map(|s| s.name).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sampling_is_parent_based_and_ratio_0_exports_nothing_of_its_own() {
+        let receiver = OtlpReceiver::start().await;
+        let config = |ratio| TracingConfig {
+            endpoint: receiver.endpoint(),
+            sample_ratio: ratio,
+            export_interval_ms: 60_000,
+            ..TracingConfig::default()
+        };
+        // Ratio 0: new traces and unsampled callers export nothing; a sampled caller's
+        // trace is kept (parent-based).
+        let provider = provider(&config(0.0)).unwrap();
+        three_spans(&provider);
+        flush(&provider).await;
+        assert_eq!(names(&receiver), ["sampled_parent"]);
+        receiver.clear();
+        // Ratio 1: everything but the unsampled caller's.
+        let provider = super::provider(&config(1.0)).unwrap();
+        three_spans(&provider);
+        flush(&provider).await;
+        let mut got = names(&receiver);
+        got.sort();
+        assert_eq!(got, ["new_trace", "sampled_parent"]);
+        let spans = receiver.spans();
+        let child = spans.iter().find(|s| s.name == "sampled_parent").unwrap();
+        assert_eq!(child.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(child.parent_span_id, "00f067aa0ba902b7");
+        assert_eq!(
+            child.resource.get("service.name").map(String::as_str),
+            Some("beamline-router")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_collector_drops_spans_and_counts_them_instead_of_waiting() {
+        // A collector that never answers: TCP connects, nothing else happens.
+        let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = TracingConfig {
+            endpoint: format!("http://{}", black_hole.local_addr().unwrap()),
+            max_queue_size: 4,
+            max_export_batch_size: 4,
+            export_interval_ms: 60_000,
+            export_timeout_ms: 500,
+            ..TracingConfig::default()
+        };
+        let dropped = |reason: DropReason| {
+            trace::spans_dropped()
+                .into_iter()
+                .find(|(r, _)| *r == reason)
+                .map_or(0, |(_, n)| n)
+        };
+        let (full_before, failed_before) = (
+            dropped(DropReason::QueueFull),
+            dropped(DropReason::ExportFailed),
+        );
+        let provider = provider(&config).unwrap();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..100 {
+                let span = tracing::info_span!("work");
+                let _ = span.context();
+            }
+        });
+        // At most one batch is out (stuck) and one queued: the rest was dropped and
+        // counted rather than waited for.
+        let full = dropped(DropReason::QueueFull) - full_before;
+        assert!(full >= 100 - 8, "{full} dropped for a full queue");
+        // The batch that went out fails at its timeout and is counted too.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while dropped(DropReason::ExportFailed) == failed_before {
+            assert!(Instant::now() < deadline, "the failed export was counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let p = provider.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            p.shutdown_with_timeout(Duration::from_millis(100))
+        })
+        .await;
+        drop(black_hole);
+    }
+}

@@ -88,7 +88,11 @@ impl Incoming {
             };
         };
         Incoming::from_lookup(intake, |name| {
-            h.get(name).map(|v| v.as_str()).or_else(|| {
+            let exact = match name {
+                HEADER_TRACEPARENT => h.get(TRACEPARENT),
+                _ => h.get(TRACESTATE),
+            };
+            exact.map(|v| v.as_str()).or_else(|| {
                 h.iter()
                     .find(|(k, _)| AsRef::<str>::as_ref(*k).eq_ignore_ascii_case(name))
                     .and_then(|(_, v)| v.first())

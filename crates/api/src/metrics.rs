@@ -6,10 +6,10 @@
 //!   (invocations, latency, retries, breaker openings, versions, balancer picks, the
 //!   security counters);
 //! - state, read from the registry and the pipeline at scrape time (breaker state,
-//!   health gauges, registry size and quarantine, instance health, sync and RBAC counters). These
-//!   families are rebuilt on every scrape, so a breaker that changes state leaves
-//!   exactly one series (`state` = the current one) and a removed extension leaves
-//!   none.
+//!   health gauges, registry size and quarantine, instance health, sync, RBAC and
+//!   dropped-span counters). These families are rebuilt on every scrape, so a breaker
+//!   that changes state leaves exactly one series (`state` = the current one) and a
+//!   removed extension leaves none.
 //!
 //! Canary rollouts (DESIGN.md §12) are state too, read from what the judge last saw
 //! ([`beamline_pipeline::canary::CanaryBoard`]; every router reads the same table, so
@@ -106,6 +106,7 @@ struct StateFamilies {
     rollout_step: GaugeVec,
     rollout_last_move: GaugeVec,
     rollout_judge: prometheus::IntGauge,
+    tracing_spans_dropped_total: IntCounterVec,
 }
 
 /// All router metrics and their registry.
@@ -287,10 +288,21 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            tracing_spans_dropped_total: counter(
+                &r,
+                "router_tracing_spans_dropped_total",
+                "Finished spans that never reached the OTLP collector: queue_full (the export queue was full) or export_failed (the collector refused or could not be reached).",
+                &["reason"],
+            ),
         };
         // Zero series for the labels every dashboard expects, so rates exist from the start.
         for s in ["success", "error"] {
             state.registry_sync_total.with_label_values(&[s]);
+        }
+        for (reason, _) in beamline_pipeline::trace::spans_dropped() {
+            state
+                .tracing_spans_dropped_total
+                .with_label_values(&[reason.as_str()]);
         }
         Arc::new(Metrics {
             registry: r,
@@ -426,6 +438,14 @@ impl Metrics {
             s.registry_sync_total.with_label_values(&["error"]),
             failed,
         );
+        for (reason, n) in beamline_pipeline::trace::spans_dropped() {
+            self.mirror(
+                format!("spans_dropped:{}", reason.as_str()),
+                s.tracing_spans_dropped_total
+                    .with_label_values(&[reason.as_str()]),
+                n,
+            );
+        }
         if let Some(auth) = auth {
             for resource in crate::auth::RESOURCES {
                 s.rbac_denied_total.with_label_values(&[resource]);

@@ -16,6 +16,7 @@
 //! - [`subject`]: what a valid NATS subject is.
 //! - [`secret`]: secrets and URLs that print redacted.
 //! - [`wire`]: the extension request and reply protocol over NATS.
+//! - [`trace`]: W3C `traceparent` / `tracestate`, and whether spans are made.
 //! - [`codes`]: the error codes a request can fail with.
 //! - [`error`]: [`ValidationError`], which names the field and the reason.
 
@@ -28,6 +29,7 @@ pub mod policy;
 pub mod routing;
 pub mod secret;
 pub mod subject;
+pub mod trace;
 pub mod wire;
 
 pub use codes::ErrorCode;

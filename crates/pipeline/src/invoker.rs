@@ -154,6 +154,8 @@ pub struct Call<'a> {
     pub trace_id: &'a str,
     pub tenant_id: &'a str,
     pub deadline: Instant,
+    /// The request's trace context and what the call's span records.
+    pub trace: crate::trace::CallTrace<'a>,
 }
 
 impl Invoker {
@@ -175,7 +177,7 @@ impl Invoker {
 
     /// The protocol's headers, built afresh for each attempt: cheaper than cloning
     /// a map (names are constants, so nothing is validated or allocated for them).
-    fn headers(call: &Call<'_>) -> HeaderMap {
+    fn headers(call: &Call<'_>, span: &tracing::Span) -> HeaderMap {
         const TRACE_ID: HeaderName = HeaderName::from_static(HEADER_TRACE_ID);
         const TENANT_ID: HeaderName = HeaderName::from_static(HEADER_TENANT_ID);
         const EXTENSION_ID: HeaderName = HeaderName::from_static(HEADER_EXTENSION_ID);
@@ -185,6 +187,7 @@ impl Invoker {
         h.insert(TENANT_ID, call.tenant_id);
         h.insert(EXTENSION_ID, call.extension.id.as_str());
         h.insert(EXTENSION_VERSION, call.extension.version.as_str());
+        crate::trace::inject(&mut h, &call.trace, span);
         h
     }
 
@@ -208,6 +211,7 @@ impl Invoker {
         let max_attempts = call.extension.retry + 1;
         let per_attempt = Duration::from_millis(u64::from(call.extension.timeout_ms));
         let mut attempts = 0;
+        let mut span = tracing::Span::none();
         let result = loop {
             let now = Instant::now();
             let Some(remaining) = call
@@ -233,9 +237,10 @@ impl Invoker {
                 });
             }
             attempts += 1;
+            span = crate::trace::attempt(&call, attempts);
             let request = async_nats::Request::new()
                 .payload(call.body.clone())
-                .headers(Self::headers(&call))
+                .headers(Self::headers(&call, &span))
                 .timeout(Some(per_attempt.min(remaining)));
             let failure = match self
                 .client
@@ -261,8 +266,10 @@ impl Invoker {
             if Instant::now() + wait >= call.deadline {
                 break Err(failure);
             }
+            crate::trace::retried(&mut span, &failure);
             tokio::time::sleep(wait).await;
         };
+        crate::trace::ended(&span, &result, &call, attempts);
         (
             result,
             CallStats {

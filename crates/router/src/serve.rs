@@ -6,8 +6,8 @@
 //! readiness turns unready and intake stops (gRPC refuses new connections, the NATS
 //! intake unsubscribes, the registry sync ends); requests already accepted get up to
 //! `[server] drain_timeout_ms` to finish; health is persisted for at most
-//! [`PERSIST_BOUND`]; NATS is flushed for at most [`FLUSH_BOUND`]; the process exits
-//! 0. Every step that waits on NATS or PostgreSQL is bounded and abandoned when its
+//! [`PERSIST_BOUND`]; NATS is flushed for at most [`FLUSH_BOUND`]; queued spans are
+//! exported for at most [`TRACING_BOUND`] (tracing on); the process exits 0. Every step that waits on NATS or PostgreSQL is bounded and abandoned when its
 //! bound passes, so a dead, paused or never-reached dependency cannot keep the
 //! process alive. A second signal exits at once with 128 + the signal's number.
 
@@ -34,24 +34,38 @@ pub const FLUSH_BOUND: Duration = Duration::from_secs(1);
 const PRIVATE_NATS_BOUND: Duration = Duration::from_secs(1);
 /// Longest the HTTP server (metrics, probes) may take to close after the drain.
 const HTTP_CLOSE_BOUND: Duration = Duration::from_secs(1);
+/// Longest the span exporter may take to send what is queued and stop (tracing on).
+pub const TRACING_BOUND: Duration = Duration::from_secs(1);
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Signal handlers first: a signal that arrives while we start must stop us
     // cleanly, not kill the process with the default action.
     let mut signals = Signals::install()?;
     let config = Config::load(args.config.as_deref())?;
-    crate::logging::init(&config.log);
+    let telemetry = crate::telemetry::init(&config.log, &config.tracing)?;
     let started = tokio::select! {
-        r = start(args, config) => r?,
+        r = start(args, config) => r,
         signal = signals.next() => {
             // Starting waits on NATS and PostgreSQL for a few seconds at most; a stop
             // asked for meanwhile is honoured at once (what was started is dropped
             // with the runtime).
             tracing::info!(signal, "stop requested while starting; exiting");
+            if let Some(t) = telemetry {
+                t.shutdown(TRACING_BOUND).await;
+            }
             return Ok(());
         }
     };
-    started.run_until_stopped(signals).await
+    let started = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(t) = telemetry {
+                t.shutdown(TRACING_BOUND).await;
+            }
+            return Err(e);
+        }
+    };
+    started.run_until_stopped(signals, telemetry).await
 }
 
 /// Everything `serve` runs, between start and stop.
@@ -329,7 +343,11 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
 
 impl Running {
     /// Serves until the first signal, then runs the bounded stop sequence.
-    async fn run_until_stopped(mut self, mut signals: Signals) -> anyhow::Result<()> {
+    async fn run_until_stopped(
+        mut self,
+        mut signals: Signals,
+        telemetry: Option<crate::telemetry::Telemetry>,
+    ) -> anyhow::Result<()> {
         let signal = tokio::select! {
             s = signals.next() => s,
             r = grpc_failed(&self.grpc) => anyhow::bail!("gRPC server stopped: {r}"),
@@ -398,6 +416,11 @@ impl Running {
                 bound_ms = FLUSH_BOUND.as_millis() as u64,
                 "final NATS flush did not finish within its bound (NATS unreachable?); stopping anyway"
             ),
+        }
+        // The last requests' spans, then the exporter (bounded: a collector that
+        // is down or slow does not hold the stop).
+        if let Some(t) = telemetry {
+            t.shutdown(TRACING_BOUND).await;
         }
         if let Some(p) = self.private_nats.take() {
             // Dropped at the bound, which kills it.

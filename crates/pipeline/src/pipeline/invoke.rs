@@ -14,6 +14,7 @@ use super::state::RequestState;
 use crate::balancer::SmoothWrr;
 use crate::invoker::{Call, InvokeError};
 use crate::observer::InvocationEvent;
+use crate::trace::CallTrace;
 
 /// What `executed_extensions` records of a call, apart from its outcome.
 #[derive(Default)]
@@ -74,12 +75,15 @@ impl Pipeline {
             config,
             provider,
         } = step;
-        let fail = |e: InvokeError, version: Option<String>| StepRun {
-            outcome: Err(e),
-            meta: StepMeta {
-                version,
-                ..StepMeta::default()
-            },
+        let fail = |e: InvokeError, version: Option<String>| {
+            crate::trace::refused(expected.as_str(), id, version.as_deref(), &e);
+            StepRun {
+                outcome: Err(e),
+                meta: StepMeta {
+                    version,
+                    ..StepMeta::default()
+                },
+            }
         };
         let Some(entry) = state.snapshot.entry(id) else {
             return fail(InvokeError::NotFound, None);
@@ -209,6 +213,7 @@ impl Pipeline {
                 trace_id: state.trace_id(),
                 tenant_id: tenant,
                 deadline: state.deadline,
+                trace: CallTrace::new(&state.trace, instance.as_deref(), permit.admission()),
             })
             .await;
         let end = self.inner.runtime.now();

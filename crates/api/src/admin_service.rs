@@ -54,6 +54,26 @@ pub fn status_of_registry(e: &RegistryError) -> Status {
     }
 }
 
+/// The log line of an operator's canary move (the judge logs its own).
+fn log_rollout_move(r: &beamline_registry::canary::Rollout, by: &str) {
+    tracing::info!(
+        extension_id = %r.extension_id,
+        rollout_id = r.id,
+        candidate = %r.candidate_version,
+        baseline = %r.baseline_version,
+        state = r.state.as_str(),
+        step = r.current_step + 1,
+        steps = r.plan.steps.len(),
+        by,
+        reason = r.reason.as_deref().unwrap_or(""),
+        "canary rollout {} by {by}: {} {} → {}",
+        r.state,
+        r.extension_id,
+        r.baseline_version,
+        r.candidate_version
+    );
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -194,12 +214,16 @@ impl AdminService {
         self.write(req, Role::Operator, "versions", async |pool, db, by| {
             let o = writes::route_version(pool, db, &id, version.as_deref(), &routing, by, &limits)
                 .await?;
+            if let Some(rollout) = o.paused_rollout {
+                tracing::warn!(extension_id = %id, rollout_id = rollout, version = %o.version, by, "canary rollout paused: {id}'s routing changed by hand");
+            }
             Ok(json!({
                 "extension_id": id,
                 "version": o.version,
                 "routing_rules": o.new,
                 "previous_routing_rules": o.old,
                 "changed": o.changed,
+                "paused_rollout": o.paused_rollout,
             }))
         })
         .await
@@ -223,6 +247,37 @@ impl AdminService {
             tenant_id: p.tenant_id.clone(),
             enabled: p.enabled,
         }
+    }
+
+    /// The pool to read rollouts from, or why there are none.
+    fn rollout_store(&self) -> Result<(sqlx::PgPool, String), Status> {
+        let registry = self.pipeline.registry();
+        let config = registry.config();
+        if !config.uses_database() {
+            return Err(Status::failed_precondition(format!(
+                "canary rollouts live in the database, and the registry reads fixtures (source = {})",
+                config.source
+            )));
+        }
+        let pool = registry.pool().ok_or_else(|| {
+            Status::failed_precondition("the database is disabled (db_enabled = false)")
+        })?;
+        Ok((pool, config.database_display()))
+    }
+
+    /// `ext canary pause|resume|abort` (role operator).
+    async fn canary_move(
+        &self,
+        req: Request<proto::ExtensionIdRequest>,
+        mv: beamline_registry::canary::OperatorMove,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let id = req.get_ref().id.clone();
+        self.write(&req, Role::Operator, "rollouts", async |pool, db, by| {
+            let r = beamline_registry::canary::operator_move(pool, db, &id, mv, by).await?;
+            log_rollout_move(&r, by);
+            Ok(json!({"rollout": r.to_json()}))
+        })
+        .await
     }
 
     async fn database_check(&self) -> (String, String) {
@@ -899,6 +954,93 @@ impl RouterAdmin for AdminService {
             Ok(json!({"removed": old}))
         })
         .await
+    }
+
+    async fn canary_start(
+        &self,
+        req: Request<proto::CanaryStartRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        let r = req.get_ref().clone();
+        // Role first: a viewer learns nothing about the plan's problems.
+        self.check(&req, Role::Operator, "extension")?;
+        if r.version.is_empty() {
+            return Err(Status::invalid_argument("version is required"));
+        }
+        let steps = beamline_model::canary::parse_steps_arg(&r.steps)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut plan = beamline_model::canary::RolloutPlan::new(steps);
+        if let Some(n) = r.min_calls {
+            plan.min_calls_per_step = n;
+        }
+        if let Some(ms) = r.step_duration_ms {
+            plan.step_duration = Duration::from_millis(ms);
+        }
+        if let Some(d) = r.max_error_rate_delta {
+            plan.criteria.max_error_rate_delta = d;
+        }
+        if let Some(k) = r.max_p95_ratio {
+            plan.criteria.max_p95_ratio = k;
+        }
+        if let Some(b) = r.breaker_never_opened {
+            plan.criteria.breaker_never_opened = b;
+        }
+        plan.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let start = beamline_registry::canary::StartRollout {
+            extension_id: r.id,
+            candidate_version: r.version,
+            baseline_version: (!r.baseline.is_empty()).then_some(r.baseline),
+            plan,
+        };
+        self.write(&req, Role::Operator, "rollouts", async |pool, db, by| {
+            let r = beamline_registry::canary::start(pool, db, start, by).await?;
+            log_rollout_move(&r, by);
+            Ok(json!({"rollout": r.to_json()}))
+        })
+        .await
+    }
+
+    async fn canary_status(
+        &self,
+        req: Request<proto::ExtensionIdRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        self.check(&req, Role::Viewer, "extension")?;
+        let (pool, db) = self.rollout_store()?;
+        let id = req.into_inner().id;
+        let mut status = beamline_registry::canary::status(&pool, &db, &id)
+            .await
+            .map_err(|e| status_of_registry(&e))?;
+        if let Value::Object(m) = &mut status {
+            m.insert(
+                "this_router_judges".into(),
+                Value::Bool(self.pipeline.canary().is_judge()),
+            );
+        }
+        reply(status)
+    }
+
+    async fn canary_pause(
+        &self,
+        req: Request<proto::ExtensionIdRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        self.canary_move(req, beamline_registry::canary::OperatorMove::Pause)
+            .await
+    }
+
+    async fn canary_resume(
+        &self,
+        req: Request<proto::ExtensionIdRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        self.canary_move(req, beamline_registry::canary::OperatorMove::Resume)
+            .await
+    }
+
+    async fn canary_abort(
+        &self,
+        req: Request<proto::ExtensionIdRequest>,
+    ) -> Result<Response<proto::JsonReply>, Status> {
+        self.canary_move(req, beamline_registry::canary::OperatorMove::Abort)
+            .await
     }
 
     async fn validate_registry(

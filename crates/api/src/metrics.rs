@@ -6,10 +6,22 @@
 //!   (invocations, latency, retries, breaker openings, versions, balancer picks, the
 //!   security counters);
 //! - state, read from the registry and the pipeline at scrape time (breaker state,
-//!   health gauges, registry size and quarantine, instance health, sync and RBAC counters). These
-//!   families are rebuilt on every scrape, so a breaker that changes state leaves
-//!   exactly one series (`state` = the current one) and a removed extension leaves
-//!   none.
+//!   health gauges, registry size and quarantine, instance health, sync, RBAC and
+//!   dropped-span counters). These families are rebuilt on every scrape, so a breaker
+//!   that changes state leaves exactly one series (`state` = the current one) and a
+//!   removed extension leaves none.
+//!
+//! Canary rollouts (DESIGN.md §12) are state too, read from what the judge last saw
+//! ([`beamline_pipeline::canary::CanaryBoard`]; every router reads the same table, so
+//! every router exports the same series): `router_extension_rollout_state`
+//! (`extension_id`, `state`) is one-hot — one series per state, 1 for the current one,
+//! 0 for the other five — so `…{state="rolled_back"} == 1` selects rolled-back
+//! rollouts; `router_extension_rollout_step` is the percent of tenants the candidate
+//! serves (a tenant-list step, a rollback or an abort: 0; promoted: 100);
+//! `router_extension_rollout_last_move_timestamp_seconds` is when the rollout last
+//! moved (the "stuck" alert); `router_extension_rollout_judge` is 1 on the router
+//! holding the judge's lock. A rollout is exported while active and for an hour after
+//! it ended.
 //!
 //! `tenant_id` is bounded: the first [`MetricsConfig::max_tenants`] distinct tenants
 //! keep their own label value, later ones are reported as `_other`.
@@ -90,6 +102,11 @@ struct StateFamilies {
     registry_quarantined: IntGaugeVec,
     instance_health: IntGaugeVec,
     rbac_denied_total: IntCounterVec,
+    rollout_state: IntGaugeVec,
+    rollout_step: GaugeVec,
+    rollout_last_move: GaugeVec,
+    rollout_judge: prometheus::IntGauge,
+    tracing_spans_dropped_total: IntCounterVec,
 }
 
 /// All router metrics and their registry.
@@ -243,10 +260,49 @@ impl Metrics {
                 "Admin calls refused for a role too small.",
                 &["resource"],
             ),
+            rollout_state: int_gauge(
+                &r,
+                "router_extension_rollout_state",
+                "Canary rollout state, one-hot: 1 for the current state (pending, running, paused, promoted, rolled_back, aborted), 0 for the others.",
+                &["extension_id", "state"],
+            ),
+            rollout_step: gauge(
+                &r,
+                "router_extension_rollout_step",
+                "Percent of tenants the canary candidate serves (0 for a tenant-list step, a rollback or an abort; 100 once promoted).",
+                &["extension_id"],
+            ),
+            rollout_last_move: gauge(
+                &r,
+                "router_extension_rollout_last_move_timestamp_seconds",
+                "When the canary rollout last moved (created, started, advanced, paused, resumed, ended), Unix seconds.",
+                &["extension_id"],
+            ),
+            rollout_judge: {
+                let g = prometheus::IntGauge::new(
+                    "router_extension_rollout_judge",
+                    "1 when this router holds the canary judge's advisory lock.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            tracing_spans_dropped_total: counter(
+                &r,
+                "router_tracing_spans_dropped_total",
+                "Finished spans that never reached the OTLP collector: queue_full (the export queue was full) or export_failed (the collector refused or could not be reached).",
+                &["reason"],
+            ),
         };
         // Zero series for the labels every dashboard expects, so rates exist from the start.
         for s in ["success", "error"] {
             state.registry_sync_total.with_label_values(&[s]);
+        }
+        for (reason, _) in beamline_pipeline::trace::spans_dropped() {
+            state
+                .tracing_spans_dropped_total
+                .with_label_values(&[reason.as_str()]);
         }
         Arc::new(Metrics {
             registry: r,
@@ -352,6 +408,26 @@ impl Metrics {
                 .with_label_values(&[table.as_str()])
                 .set(n as i64);
         }
+        s.rollout_state.reset();
+        s.rollout_step.reset();
+        s.rollout_last_move.reset();
+        let board = pipeline.canary();
+        s.rollout_judge.set(i64::from(board.is_judge()));
+        for r in board.rollouts() {
+            let id = r.extension_id.as_str();
+            for state in beamline_model::canary::RolloutState::ALL {
+                s.rollout_state
+                    .with_label_values(&[id, state.as_str()])
+                    .set(i64::from(state == r.state));
+            }
+            s.rollout_step
+                .with_label_values(&[id])
+                .set(r.share_percent());
+            let moved = r.last_move_at.unwrap_or(r.created_at);
+            s.rollout_last_move
+                .with_label_values(&[id])
+                .set(moved.timestamp_millis() as f64 / 1000.0);
+        }
         let (ok, failed) = registry.sync_counts();
         self.mirror(
             "sync_success".into(),
@@ -363,6 +439,14 @@ impl Metrics {
             s.registry_sync_total.with_label_values(&["error"]),
             failed,
         );
+        for (reason, n) in beamline_pipeline::trace::spans_dropped() {
+            self.mirror(
+                format!("spans_dropped:{}", reason.as_str()),
+                s.tracing_spans_dropped_total
+                    .with_label_values(&[reason.as_str()]),
+                n,
+            );
+        }
         if let Some(auth) = auth {
             for resource in crate::auth::RESOURCES {
                 s.rbac_denied_total.with_label_values(&[resource]);

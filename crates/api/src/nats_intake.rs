@@ -9,13 +9,15 @@
 //! `{"ok": false, "error": {"code", "message", "details"}, "context": {...}}`, keys
 //! without a value left out (no `null`s), as the original wrote them. A request
 //! without a reply subject is answered on [`DEFAULT_REPLY_SUBJECT`] (configurable),
-//! where the original published it, and counted.
+//! where the original published it, and counted. A W3C `traceparent` header (and
+//! `tracestate`) continues the caller's trace: its trace id becomes the request's.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use beamline_model::ErrorCode;
 use beamline_model::wire::{Message, Payload};
+use beamline_pipeline::trace::Incoming;
 use beamline_pipeline::{DecideError, DecideRequest, Decision, Pipeline};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -317,6 +319,13 @@ pub fn reply(result: Result<Decision, DecideError>, context: &ReplyContext) -> V
 
 /// Answers one intake message body, as the bytes of the reply.
 pub async fn handle(pipeline: &Pipeline, body: &[u8]) -> Vec<u8> {
+    handle_traced(pipeline, body, Incoming::default()).await
+}
+
+/// [`handle`] for a message that came with the caller's trace context (its
+/// `traceparent` header): the caller's trace id becomes the request's, in the reply's
+/// `context` too.
+pub async fn handle_traced(pipeline: &Pipeline, body: &[u8], incoming: Incoming) -> Vec<u8> {
     if body.len() > MAX_REQUEST_BYTES {
         return error_reply(
             ErrorCode::InvalidRequest,
@@ -329,10 +338,23 @@ pub async fn handle(pipeline: &Pipeline, body: &[u8]) -> Vec<u8> {
         );
     }
     match parse_request(body) {
-        Err((message, context)) => {
+        Err((message, mut context)) => {
+            adopt_trace_id(&incoming, &mut context);
             error_reply(ErrorCode::InvalidRequest, &message, &Map::new(), &context)
         }
-        Ok((request, context)) => reply(pipeline.decide(request).await, &context),
+        Ok((mut request, mut context)) => {
+            if incoming.adopt(&mut request.message.trace_id) {
+                adopt_trace_id(&incoming, &mut context);
+            }
+            reply(pipeline.decide_with(request, incoming).await, &context)
+        }
+    }
+}
+
+/// The reply context's `trace_id` from the caller's `traceparent`, when it sent one.
+fn adopt_trace_id(incoming: &Incoming, context: &mut ReplyContext) {
+    if let Some(p) = &incoming.parent {
+        context.trace_id = Some(p.trace_id_hex());
     }
 }
 
@@ -390,7 +412,8 @@ pub async fn serve_subscription(
         let (pipeline, client) = (pipeline.clone(), client.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let body = handle(&pipeline, &msg.payload).await;
+            let incoming = Incoming::from_nats("nats", msg.headers.as_ref());
+            let body = handle_traced(&pipeline, &msg.payload, incoming).await;
             if let Err(e) = client.publish(reply_to, body.into()).await {
                 tracing::warn!(error = %e, "decide reply could not be sent");
             }

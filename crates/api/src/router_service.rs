@@ -1,7 +1,9 @@
-//! gRPC `beamline.flow.v1.Router/Decide`.
+//! gRPC `beamline.flow.v1.Router/Decide`. W3C `traceparent` / `tracestate` metadata
+//! continue the caller's trace: its trace id becomes the request's `trace_id`.
 
 use beamline_model::ErrorCode;
 use beamline_model::wire::{Message, Payload};
+use beamline_pipeline::trace::Incoming;
 use beamline_pipeline::{DecideError, DecideRequest, Decision, ExecutedExtension, Pipeline};
 use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
@@ -263,9 +265,13 @@ impl Router for RouterService {
         if let Some(auth) = &self.auth {
             auth.authorize(request.metadata(), crate::auth::Role::Viewer, "decide")?;
         }
-        let req = decide_request(request.into_inner())?;
+        let incoming = Incoming::from_lookup("grpc", |k| {
+            request.metadata().get(k).and_then(|v| v.to_str().ok())
+        });
+        let mut req = decide_request(request.into_inner())?;
+        incoming.adopt(&mut req.message.trace_id);
         let trace_id = req.message.trace_id.clone();
-        match self.pipeline.decide(req).await {
+        match self.pipeline.decide_with(req, incoming).await {
             Ok(d) => Ok(Response::new(route_decision(d))),
             Err(e) => {
                 let mut status = status_with_steps(e, self.status_codes);

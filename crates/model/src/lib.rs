@@ -7,15 +7,20 @@
 //!
 //! Layout:
 //! - [`extension`]: extensions, versions, instances, their types and validation.
-//! - [`routing`]: a version's `routing_rules` and how they match a request context.
+//! - [`routing`]: a version's `routing_rules` and how they match a request context
+//!   (including the stable share of tenants, `{"share": 5}`).
+//! - [`canary`]: progressive delivery — a rollout's plan, its validation, and the
+//!   judgement of a candidate version against its baseline.
 //! - [`policy`]: tenant policies, pipeline steps and `when` conditions.
 //! - [`limits`]: the size, depth and range limits, with their error names.
 //! - [`subject`]: what a valid NATS subject is.
 //! - [`secret`]: secrets and URLs that print redacted.
 //! - [`wire`]: the extension request and reply protocol over NATS.
+//! - [`trace`]: W3C `traceparent` / `tracestate`, and whether spans are made.
 //! - [`codes`]: the error codes a request can fail with.
 //! - [`error`]: [`ValidationError`], which names the field and the reason.
 
+pub mod canary;
 pub mod codes;
 pub mod error;
 pub mod extension;
@@ -24,6 +29,7 @@ pub mod policy;
 pub mod routing;
 pub mod secret;
 pub mod subject;
+pub mod trace;
 pub mod wire;
 
 pub use codes::ErrorCode;

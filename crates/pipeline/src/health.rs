@@ -107,6 +107,24 @@ impl Counts {
         *self = Counts::Sparse(Vec::new());
     }
 
+    /// Every bucket in use with its count, in bucket order.
+    fn each(&self, mut f: impl FnMut(usize, u64)) {
+        match self {
+            Counts::Dense(d) => {
+                for (b, c) in d.iter().enumerate() {
+                    if *c > 0 {
+                        f(b, u64::from(*c));
+                    }
+                }
+            }
+            Counts::Sparse(v) => {
+                for e in v {
+                    f((e >> COUNT_BITS) as usize, u64::from(e & COUNT_MAX));
+                }
+            }
+        }
+    }
+
     fn add_to(&self, merged: &mut [u64; BUCKETS]) {
         match self {
             Counts::Dense(d) => {
@@ -298,9 +316,99 @@ impl Health {
     }
 }
 
+/// Calls to one version of an extension since the last [`VersionDeltas::take`]:
+/// what a router reports to `extension_version_health` for the canary judge, which
+/// sums every router's reports. The latency histogram is the health window's (same
+/// buckets, ≤ 6.25 % error), reported as bucket upper bounds in microseconds so
+/// reports merge exactly.
+#[derive(Debug)]
+pub struct VersionDeltas {
+    calls: u64,
+    errors: u64,
+    counts: Counts,
+    breaker_opened: u64,
+}
+
+/// What [`VersionDeltas::take`] hands over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VersionDelta {
+    pub calls: u64,
+    pub errors: u64,
+    /// (bucket upper bound in µs, calls), in increasing order.
+    pub latency_us: Vec<(u64, u64)>,
+    pub breaker_opened: u64,
+}
+
+impl Default for VersionDeltas {
+    fn default() -> Self {
+        VersionDeltas {
+            calls: 0,
+            errors: 0,
+            counts: Counts::Sparse(Vec::new()),
+            breaker_opened: 0,
+        }
+    }
+}
+
+impl VersionDeltas {
+    pub fn record(&mut self, latency: Duration, success: bool) {
+        self.calls += 1;
+        if !success {
+            self.errors += 1;
+        }
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.counts
+            .record(bucket_of((micros / UNIT_US).clamp(1, MAX_UNITS)));
+    }
+
+    /// The version's breaker opened.
+    pub fn breaker_opened(&mut self) {
+        self.breaker_opened += 1;
+    }
+
+    /// What happened since the last take (`None` if nothing), and a fresh start.
+    pub fn take(&mut self) -> Option<VersionDelta> {
+        if self.calls == 0 && self.breaker_opened == 0 {
+            return None;
+        }
+        let mut latency_us = Vec::new();
+        self.counts
+            .each(|b, c| latency_us.push((bucket_top(b) * UNIT_US, c)));
+        let out = VersionDelta {
+            calls: self.calls,
+            errors: self.errors,
+            latency_us,
+            breaker_opened: self.breaker_opened,
+        };
+        *self = VersionDeltas::default();
+        Some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_deltas_hand_over_what_happened_since_the_last_take() {
+        let mut d = VersionDeltas::default();
+        assert_eq!(d.take(), None);
+        for i in 0..10u64 {
+            d.record(Duration::from_millis(2), i % 5 != 0);
+        }
+        d.record(Duration::from_millis(40), true);
+        d.breaker_opened();
+        let t = d.take().unwrap();
+        assert_eq!((t.calls, t.errors, t.breaker_opened), (11, 2, 1));
+        assert_eq!(t.latency_us.iter().map(|(_, c)| c).sum::<u64>(), 11);
+        // Upper bounds within the bucket error of what was recorded.
+        let (first, n) = t.latency_us[0];
+        assert_eq!(n, 10);
+        assert!((2000..=2125).contains(&first), "{first}");
+        let (last, _) = t.latency_us[1];
+        assert!((40_000..=42_500).contains(&last), "{last}");
+        assert_eq!(d.take(), None, "taken means gone");
+    }
 
     #[test]
     fn quantiles_are_real_quantiles() {

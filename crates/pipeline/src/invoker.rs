@@ -163,6 +163,8 @@ pub struct Call<'a> {
     pub deadline: Instant,
     /// Whether the protocol's `Beamline-*` headers go with the request.
     pub headers: bool,
+    /// The request's trace context and what the call's span records.
+    pub trace: crate::trace::CallTrace<'a>,
 }
 
 impl Invoker {
@@ -191,19 +193,25 @@ impl Invoker {
         }
     }
 
-    /// The protocol's headers, built afresh for each attempt: cheaper than cloning
-    /// a map (names are constants, so nothing is validated or allocated for them).
-    fn headers(call: &Call<'_>) -> HeaderMap {
+    /// The request's headers, built afresh for each attempt (cheaper than cloning a
+    /// map; names are constants, so nothing is validated or allocated for them): the
+    /// `Beamline-*` ones when the extension takes them, and the W3C trace context
+    /// when there is one. `None` when there is nothing to send: a request without
+    /// headers is a plain PUB, which NATS handles faster.
+    fn headers(call: &Call<'_>, span: &tracing::Span) -> Option<HeaderMap> {
         const TRACE_ID: HeaderName = HeaderName::from_static(HEADER_TRACE_ID);
         const TENANT_ID: HeaderName = HeaderName::from_static(HEADER_TENANT_ID);
         const EXTENSION_ID: HeaderName = HeaderName::from_static(HEADER_EXTENSION_ID);
         const EXTENSION_VERSION: HeaderName = HeaderName::from_static(HEADER_EXTENSION_VERSION);
         let mut h = HeaderMap::new();
-        h.insert(TRACE_ID, call.trace_id);
-        h.insert(TENANT_ID, call.tenant_id);
-        h.insert(EXTENSION_ID, call.extension.id.as_str());
-        h.insert(EXTENSION_VERSION, call.extension.version.as_str());
-        h
+        if call.headers {
+            h.insert(TRACE_ID, call.trace_id);
+            h.insert(TENANT_ID, call.tenant_id);
+            h.insert(EXTENSION_ID, call.extension.id.as_str());
+            h.insert(EXTENSION_VERSION, call.extension.version.as_str());
+        }
+        crate::trace::inject(&mut h, &call.trace, span);
+        (!h.is_empty()).then_some(h)
     }
 
     /// Backoff before retry `n` (1-based): uniform in [0, min(max, base·2^(n−1))].
@@ -226,6 +234,7 @@ impl Invoker {
         let max_attempts = call.extension.retry + 1;
         let per_attempt = Duration::from_millis(u64::from(call.extension.timeout_ms));
         let mut attempts = 0;
+        let mut span = tracing::Span::none();
         let result = loop {
             let now = Instant::now();
             let Some(remaining) = call
@@ -251,11 +260,12 @@ impl Invoker {
                 });
             }
             attempts += 1;
+            span = crate::trace::attempt(&call, attempts);
             let mut request = async_nats::Request::new()
                 .payload(call.body.clone())
                 .timeout(Some(per_attempt.min(remaining)));
-            if call.headers {
-                request = request.headers(Self::headers(&call));
+            if let Some(headers) = Self::headers(&call, &span) {
+                request = request.headers(headers);
             }
             let failure = match self
                 .client
@@ -281,8 +291,10 @@ impl Invoker {
             if Instant::now() + wait >= call.deadline {
                 break Err(failure);
             }
+            crate::trace::retried(&mut span, &failure);
             tokio::time::sleep(wait).await;
         };
+        crate::trace::ended(&span, &result, &call, attempts);
         (
             result,
             CallStats {

@@ -44,6 +44,7 @@ use crate::breaker::BreakerConfig;
 use crate::invoker::{Invoker, InvokerConfig};
 use crate::observer::{NoopObserver, Observer};
 use crate::runtime::{RuntimeTable, ShardedMap};
+use crate::trace::{self, Incoming};
 use provider::Selection;
 use state::RequestState;
 
@@ -89,6 +90,7 @@ struct Inner {
     observer: Arc<dyn Observer>,
     config: PipelineConfig,
     limits: Limits,
+    canary: Arc<crate::canary::CanaryBoard>,
 }
 
 impl Pipeline {
@@ -109,6 +111,7 @@ impl Pipeline {
                 observer: Arc::new(NoopObserver),
                 config,
                 limits,
+                canary: Arc::default(),
             }),
         }
     }
@@ -124,6 +127,7 @@ impl Pipeline {
             observer: arc.observer.clone(),
             config: arc.config.clone(),
             limits: arc.limits.clone(),
+            canary: arc.canary.clone(),
         });
         Pipeline {
             inner: Arc::new(Inner { observer, ..inner }),
@@ -138,6 +142,11 @@ impl Pipeline {
         &self.inner.runtime
     }
 
+    /// What the canary judge last saw (rollouts, whether this router judges).
+    pub fn canary(&self) -> &crate::canary::CanaryBoard {
+        &self.inner.canary
+    }
+
     /// Where the pipeline reports what it does; the intakes report through it too.
     pub fn observer(&self) -> &dyn Observer {
         &*self.inner.observer
@@ -149,6 +158,27 @@ impl Pipeline {
 
     /// Runs the whole pipeline for one request.
     pub async fn decide(&self, request: DecideRequest) -> Result<Decision, DecideError> {
+        self.decide_with(request, Incoming::default()).await
+    }
+
+    /// [`Pipeline::decide`] for a request that came with its caller's trace context
+    /// (`traceparent`, `tracestate`); traced when spans are on ([`crate::trace`]).
+    pub async fn decide_with(
+        &self,
+        mut request: DecideRequest,
+        incoming: Incoming,
+    ) -> Result<Decision, DecideError> {
+        let span = trace::decide_span(&mut request, &incoming);
+        let result = trace::within(&span, self.admit_and_run(request, incoming)).await;
+        trace::decide_ended(&span, &result);
+        result
+    }
+
+    async fn admit_and_run(
+        &self,
+        request: DecideRequest,
+        incoming: Incoming,
+    ) -> Result<Decision, DecideError> {
         let started = Instant::now();
         let mut state = RequestState::admit(
             self.inner.registry.snapshot(),
@@ -157,6 +187,7 @@ impl Pipeline {
             self.inner.config.default_request_timeout_ms,
             &self.inner.limits,
         )?;
+        state.trace = incoming;
         match self.run(&mut state).await {
             Ok(mut d) => {
                 d.executed_extensions = std::mem::take(&mut state.executed);
@@ -176,7 +207,10 @@ impl Pipeline {
             .await?;
         self.validator_stage(state, &policy.validators).await?;
         state.check_deadline("provider")?;
-        let mut selection = self.select_provider(state).await?;
+        let span = trace::provider_span();
+        let selection = trace::within(&span, self.select_provider(state)).await;
+        trace::provider_ended(&span, &selection, |s| (&s.provider_id, &s.reason));
+        let mut selection = selection?;
         // Post runs on the provider's answer when there is one, else on the message.
         match selection.output.as_mut() {
             Some(answer) => self.post_on_answer(state, &policy.post, answer).await?,

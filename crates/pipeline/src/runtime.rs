@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::balancer::SmoothWrr;
 use crate::breaker::{Breaker, BreakerConfig, BreakerSnapshot};
-use crate::health::{Health, HealthSnapshot};
+use crate::health::{Health, HealthSnapshot, VersionDelta, VersionDeltas};
 
 /// A concurrent map of shared values, split into shards behind their own
 /// reader-writer locks.
@@ -110,6 +110,41 @@ pub struct ExtensionRuntime {
     /// extension cannot pile up unbounded waiting calls (memory, NATS inboxes) at the
     /// expense of the others.
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// Calls per version since the canary judge last took them; kept only for
+    /// extensions that have versions (a canary needs them), a few entries at most.
+    versions: std::sync::Mutex<Vec<(Box<str>, VersionDeltas)>>,
+}
+
+impl ExtensionRuntime {
+    fn with_version<R>(&self, version: &str, f: impl FnOnce(&mut VersionDeltas) -> R) -> R {
+        let mut list = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let i = match list.iter().position(|(v, _)| &**v == version) {
+            Some(i) => i,
+            None => {
+                list.push((Box::from(version), VersionDeltas::default()));
+                list.len() - 1
+            }
+        };
+        f(&mut list[i].1)
+    }
+
+    /// Records one call of `version` for the canary judge.
+    pub fn record_version(&self, version: &str, latency: Duration, success: bool) {
+        self.with_version(version, |d| d.record(latency, success));
+    }
+
+    /// Records that the breaker guarding `version` opened.
+    pub fn version_breaker_opened(&self, version: &str) {
+        self.with_version(version, VersionDeltas::breaker_opened);
+    }
+
+    /// Every version's calls since the last take.
+    pub fn take_versions(&self) -> Vec<(String, VersionDelta)> {
+        let mut list = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter_mut()
+            .filter_map(|(v, d)| d.take().map(|t| (v.to_string(), t)))
+            .collect()
+    }
 }
 
 /// Health and breaker of one extension, as operators see it (`health get`).
@@ -205,7 +240,20 @@ impl RuntimeTable {
             health: Health::new(self.health_window),
             balancer: SmoothWrr::new(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)),
+            versions: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Every (extension, version, calls) recorded since the last take, for the
+    /// canary judge's report.
+    pub fn take_version_deltas(&self) -> Vec<(String, String, VersionDelta)> {
+        let mut out = Vec::new();
+        for (id, rt) in self.extensions.entries() {
+            for (version, d) in rt.take_versions() {
+                out.push((id.clone(), version, d));
+            }
+        }
+        out
     }
 
     /// Existing state only (no entry is created for a mere read).

@@ -18,8 +18,11 @@
 //! - [`check`]: `registry validate` and `registry diff` (read, compare, change nothing).
 //! - [`writes`]: operator writes (one transaction each, audit-logged).
 //! - [`health_store`]: the `extension_health` table: periodic upserts, manual resets.
+//! - [`canary`]: canary rollouts (migration 0004): operator writes, per-version
+//!   health reports, and the judge's evaluation and moves.
 //! - [`error`]: [`RegistryError`], with the origin (file or row) and an [`ErrorKind`].
 
+pub mod canary;
 pub mod check;
 pub mod config;
 pub mod database;

@@ -273,8 +273,11 @@ impl Registry {
 
     /// Reloads from the current source, swapping the snapshot only on success.
     pub async fn reload_with(&self, trigger: Trigger) -> Result<ReloadReport, RegistryError> {
-        let _serial = self.inner.reload_lock.lock().await;
-        self.reload_locked(trigger).await
+        in_sync_span(trigger, async {
+            let _serial = self.inner.reload_lock.lock().await;
+            self.reload_locked(trigger).await
+        })
+        .await
     }
 
     /// Reads only what changed in the database since the current snapshot's
@@ -285,6 +288,10 @@ impl Registry {
     /// current snapshot is not from the database, or older than the change log keeps),
     /// when a change must be read whole, or when the change log cannot be read.
     pub async fn sync_changes(&self, trigger: Trigger) -> Result<ReloadReport, RegistryError> {
+        in_sync_span(trigger, self.sync_changes_serial(trigger)).await
+    }
+
+    async fn sync_changes_serial(&self, trigger: Trigger) -> Result<ReloadReport, RegistryError> {
         let _serial = self.inner.reload_lock.lock().await;
         let (config, limits, pool) = {
             let s = self.read_settings();
@@ -323,6 +330,7 @@ impl Registry {
             let mut report = self.report_of(&current, Some(0));
             report.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
             self.record_success(trigger, Utc::now(), report.duration_ms);
+            record_sync_span(Some(0), Ok(&report));
             tracing::debug!(
                 trigger = trigger.as_str(),
                 generation = current.generation,
@@ -438,6 +446,7 @@ impl Registry {
                     duration_ms = report.duration_ms,
                     "Extension Registry synced"
                 );
+                record_sync_span(changed_keys, Ok(&report));
                 Ok(report)
             }
             Err(e) => {
@@ -456,6 +465,7 @@ impl Registry {
                     serving_source = current.source.as_str(),
                     "Extension Registry sync failed; the previous snapshot keeps serving"
                 );
+                record_sync_span(changed_keys, Err(&e));
                 Err(e)
             }
         }
@@ -743,6 +753,62 @@ impl Registry {
 
 /// One line per record that entered quarantine (an error: someone must fix it) and
 /// per record that left it (fixed, or deleted).
+/// Runs one sync in its span (`registry_sync`, DESIGN.md §13) when spans are on.
+async fn in_sync_span<T>(trigger: Trigger, sync: impl std::future::Future<Output = T>) -> T {
+    if !beamline_model::trace::spans_enabled() {
+        return sync.await;
+    }
+    let span = tracing::info_span!(
+        target: "beamline_trace",
+        "registry_sync",
+        otel.name = "registry sync",
+        beamline.registry.trigger = trigger.as_str(),
+        beamline.registry.scope = tracing::field::Empty,
+        beamline.registry.rows = tracing::field::Empty,
+        beamline.registry.outcome = tracing::field::Empty,
+        beamline.registry.generation = tracing::field::Empty,
+        beamline.registry.source = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+    );
+    tracing::Instrument::instrument(sync, span).await
+}
+
+/// What a sync did, on its span: scope, rows read (every row of a full reload, the
+/// changed keys of a change sync), outcome.
+fn record_sync_span(changed_keys: Option<usize>, outcome: Result<&ReloadReport, &RegistryError>) {
+    if !beamline_model::trace::spans_enabled() {
+        return;
+    }
+    let span = tracing::Span::current();
+    if span.metadata().is_none_or(|m| m.name() != "registry_sync") {
+        return;
+    }
+    span.record(
+        "beamline.registry.scope",
+        if changed_keys.is_some() {
+            "changes"
+        } else {
+            "full"
+        },
+    );
+    match outcome {
+        Ok(report) => {
+            let c = &report.counts;
+            let rows = changed_keys.unwrap_or(c.extensions + c.versions + c.instances + c.policies);
+            span.record("beamline.registry.rows", rows as u64);
+            span.record("beamline.registry.outcome", "success");
+            span.record("beamline.registry.generation", report.generation);
+            span.record("beamline.registry.source", report.source.as_str());
+        }
+        Err(e) => {
+            span.record("beamline.registry.outcome", "error");
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", tracing::field::display(e));
+        }
+    }
+}
+
 fn log_quarantine_changes(before: &Snapshot, after: &Snapshot) {
     let key = |q: &Quarantined| (q.table, q.key.clone(), q.error.clone());
     let old: std::collections::HashSet<_> = before.quarantine.iter().map(key).collect();

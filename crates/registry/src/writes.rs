@@ -792,6 +792,8 @@ pub struct RoutingOutcome {
     pub new: Value,
     /// False when the rules already were what was asked (nothing written).
     pub changed: bool,
+    /// The extension's canary rollout this manual change paused, if one was running.
+    pub paused_rollout: Option<i64>,
 }
 
 /// Changes the `routing_rules` of one version, as the runbook's SQL does. With
@@ -867,7 +869,9 @@ pub async fn route_version(
         old: old.routing_rules.clone(),
         new: new.routing_rules.clone(),
         changed: old.routing_rules != new.routing_rules,
+        paused_rollout: None,
     };
+    let mut outcome = outcome;
     if outcome.changed {
         sqlx::query(
             "UPDATE extension_versions SET routing_rules = $3 WHERE id = $1 AND version = $2",
@@ -888,6 +892,14 @@ pub async fn route_version(
             changed_by,
         )
         .await?;
+        // A manual routing change takes over from an automatic rollout.
+        let what = match routing {
+            Routing::NoTraffic => format!("`ext rollback` of version '{}'", old.version),
+            _ => format!("`ext rollout` of version '{}'", old.version),
+        };
+        outcome.paused_rollout =
+            crate::canary::pause_for_manual_routing(&mut tx, database, id, &what, changed_by)
+                .await?;
     }
     tx.commit().await.map_err(err)?;
     Ok(outcome)

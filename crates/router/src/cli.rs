@@ -289,6 +289,80 @@ pub enum ExtCmd {
     /// An extension's instances (extension_instances): weighted load balancing.
     #[command(subcommand)]
     Instance(InstanceCmd),
+    /// Canary rollouts the routers judge on their own: a candidate version serves a
+    /// growing share of tenants, is promoted to the base record when every step holds
+    /// its criteria, and is rolled back at once when one fails (docs/RUNBOOK.md,
+    /// "Progressive delivery").
+    #[command(subcommand)]
+    Canary(CanaryCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CanaryCmd {
+    /// Start a rollout of VERSION (an extension_versions row without traffic):
+    /// pending until the judge writes its first step. Role operator.
+    Start {
+        /// Extension id.
+        id: String,
+        /// The candidate version.
+        #[arg(long, value_name = "VERSION")]
+        version: String,
+        /// Percent of tenants per step, by a stable hash of tenant_id (`5,25,100`),
+        /// or a JSON array with tenant lists (`[{"tenants":["a","b"]},25,100]`). The
+        /// last step is 100.
+        #[arg(long, value_name = "STEPS")]
+        steps: String,
+        /// Candidate calls a step needs (summed over every router) before it is
+        /// judged (default 100).
+        #[arg(long, value_name = "N")]
+        min_calls: Option<u64>,
+        /// How long a step lasts at least once its calls are in: 60s, 5m, 1h, 500ms
+        /// (default 60s).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+        step_duration: Option<std::time::Duration>,
+        /// Roll back when the candidate's error rate exceeds the baseline's by more
+        /// than this (default 0.05).
+        #[arg(long, value_name = "DELTA")]
+        max_error_rate_delta: Option<f64>,
+        /// Roll back when the candidate's p95 latency exceeds the baseline's times
+        /// this (default 1.5).
+        #[arg(long, value_name = "RATIO")]
+        max_p95_ratio: Option<f64>,
+        /// The version to compare with (default: the base record's).
+        #[arg(long, value_name = "VERSION")]
+        baseline: Option<String>,
+        /// Do not roll back merely because the candidate's breaker opened.
+        #[arg(long)]
+        allow_breaker_open: bool,
+    },
+    /// The extension's latest rollout: state, step, the candidate's and baseline's
+    /// calls in the step's window, each criterion measured against its threshold,
+    /// and the history.
+    Status {
+        /// Extension id.
+        id: String,
+    },
+    /// Hold the rollout where it is (the judge leaves it alone). Role operator.
+    Pause {
+        /// Extension id.
+        id: String,
+    },
+    /// Continue a paused rollout: the current step's routing rules are written again
+    /// and the step starts over. Role operator.
+    Resume {
+        /// Extension id.
+        id: String,
+    },
+    /// Stop the rollout and take the candidate out of routing (every tenant back on
+    /// the baseline). Role operator.
+    Abort {
+        /// Extension id.
+        id: String,
+    },
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    beamline_model::canary::parse_duration(s)
 }
 
 #[derive(Debug, Args)]

@@ -42,6 +42,10 @@ pub struct Config {
     pub metrics: beamline_api::metrics::MetricsConfig,
     /// The process's lifecycle (how long a stop may drain).
     pub server: ServerConfig,
+    /// The canary judge (progressive delivery, `ext canary`).
+    pub canary: beamline_pipeline::CanaryConfig,
+    /// OpenTelemetry export of spans (off unless an endpoint is set).
+    pub tracing: crate::telemetry::TracingConfig,
 }
 
 /// `[server]`: the stop sequence's bounds (docs/RUNBOOK.md, "Stopping a router").
@@ -49,9 +53,10 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// After SIGTERM/SIGINT, how long requests already accepted may take to finish
-    /// before the router stops anyway. Health persistence (at most 5 s) and the final
-    /// NATS flush (at most 1 s) come after it, so a stop ends within this plus ~7 s
-    /// whatever state NATS and PostgreSQL are in.
+    /// before the router stops anyway. Health persistence (at most 5 s), the final
+    /// NATS flush (at most 1 s) and the span export's flush (at most 1 s) come after
+    /// it, so a stop ends within this plus ~8 s whatever state NATS, PostgreSQL and
+    /// the trace collector are in.
     pub drain_timeout_ms: u64,
 }
 
@@ -322,9 +327,13 @@ impl Config {
                 ),
             ));
         }
+        self.canary
+            .validate()
+            .map_err(|(k, m)| (format!("canary.{k}"), m))?;
         if self.metrics.max_tenants == 0 {
             return Err(("metrics.max_tenants".into(), "must be at least 1".into()));
         }
+        self.tracing.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             (
                 "log.level".to_string(),
@@ -402,6 +411,14 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("BEAMLINE_LOG_FORMAT", "log.format"),
     ("BEAMLINE_LOG_LEVEL", "log.level"),
     ("BEAMLINE_DRAIN_TIMEOUT_MS", "server.drain_timeout_ms"),
+    ("BEAMLINE_CANARY_ENABLED", "canary.enabled"),
+    (
+        "BEAMLINE_CANARY_EVALUATION_INTERVAL_MS",
+        "canary.evaluation_interval_ms",
+    ),
+    ("BEAMLINE_TRACING_ENDPOINT", "tracing.endpoint"),
+    ("BEAMLINE_TRACING_SAMPLE_RATIO", "tracing.sample_ratio"),
+    ("BEAMLINE_TRACING_SERVICE_NAME", "tracing.service_name"),
     (
         "BEAMLINE_ADMIN_KEY",
         "admin.api_keys (an admin key named \"env\")",
@@ -509,6 +526,19 @@ fn apply_env(
                     .parse()
                     .map_err(|_| fail(format!("'{shown}' is not a whole number of ms")))?
             }
+            "BEAMLINE_CANARY_ENABLED" => config.canary.enabled = parse_bool(value).map_err(fail)?,
+            "BEAMLINE_CANARY_EVALUATION_INTERVAL_MS" => {
+                config.canary.evaluation_interval_ms = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a whole number of ms")))?
+            }
+            "BEAMLINE_TRACING_ENDPOINT" => config.tracing.endpoint = value.to_string(),
+            "BEAMLINE_TRACING_SAMPLE_RATIO" => {
+                config.tracing.sample_ratio = value
+                    .parse()
+                    .map_err(|_| fail(format!("'{shown}' is not a number from 0.0 to 1.0")))?
+            }
+            "BEAMLINE_TRACING_SERVICE_NAME" => config.tracing.service_name = value.to_string(),
             "BEAMLINE_ADMIN_KEY" => {
                 config.admin.api_keys.retain(|k| k.name != "env");
                 config
@@ -721,6 +751,104 @@ key_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
         .unwrap_err()
         .to_string();
         assert!(err.contains("nats.") && !err.contains("t0k3n-xyz"), "{err}");
+    }
+
+    #[test]
+    fn canary_keys_load_validate_and_come_from_the_environment() {
+        let c = load("", &[]).unwrap();
+        assert!(c.canary.enabled);
+        assert_eq!(c.canary.evaluation_interval_ms, 10_000);
+        let c = load(
+            "[canary]\nenabled = false\nevaluation_interval_ms = 250\n",
+            &[],
+        )
+        .unwrap();
+        assert!(!c.canary.enabled);
+        assert_eq!(c.canary.evaluation_interval_ms, 250);
+        let err = load("[canary]\nevaluation_interval_ms = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("canary.evaluation_interval_ms") && err.contains("100..=3600000"),
+            "{err}"
+        );
+        let err = load("[canary]\ninterval = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("interval"), "{err}");
+        let c = load(
+            "",
+            &[
+                ("BEAMLINE_CANARY_ENABLED", "false"),
+                ("BEAMLINE_CANARY_EVALUATION_INTERVAL_MS", "500"),
+            ],
+        )
+        .unwrap();
+        assert!(!c.canary.enabled && c.canary.evaluation_interval_ms == 500);
+        let err = load("", &[("BEAMLINE_CANARY_EVALUATION_INTERVAL_MS", "often")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("BEAMLINE_CANARY_EVALUATION_INTERVAL_MS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tracing_is_off_by_default_and_checked_key_by_key() {
+        let c = load("", &[]).unwrap();
+        assert!(!c.tracing.enabled());
+        assert_eq!(c.tracing.sample_ratio, 1.0);
+        assert_eq!(c.tracing.service_name, "beamline-router");
+        let c = load(
+            "[tracing]\nendpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 0.25\n[tracing.resource_attributes]\n\"deployment.environment\" = \"prod\"\n",
+            &[("BEAMLINE_TRACING_SERVICE_NAME", "router-eu")],
+        )
+        .unwrap();
+        assert!(c.tracing.enabled());
+        assert_eq!(c.tracing.sample_ratio, 0.25);
+        assert_eq!(c.tracing.service_name, "router-eu");
+        assert_eq!(
+            c.tracing.resource_attributes["deployment.environment"],
+            "prod"
+        );
+        for (text, key) in [
+            ("[tracing]\nsample_ratio = 1.5\n", "tracing.sample_ratio"),
+            (
+                "[tracing]\nendpoint = \"127.0.0.1:4317\"\n",
+                "tracing.endpoint",
+            ),
+            (
+                "[tracing]\nendpoint = \"ftp://collector:4317\"\n",
+                "tracing.endpoint",
+            ),
+            ("[tracing]\nservice_name = \"\"\n", "tracing.service_name"),
+            ("[tracing]\nmax_queue_size = 0\n", "tracing.max_queue_size"),
+            (
+                "[tracing]\nmax_queue_size = 10\nmax_export_batch_size = 11\n",
+                "tracing.max_export_batch_size",
+            ),
+            (
+                "[tracing]\nexport_timeout_ms = 0\n",
+                "tracing.export_timeout_ms",
+            ),
+            (
+                "[tracing]\nendpoint = \"http://c:4317\"\ntls_ca_file = \"/etc/ca.pem\"\n",
+                "tracing.tls_ca_file",
+            ),
+            ("[tracing]\nsampling = 1\n", "sampling"),
+        ] {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+        let err = load("", &[("BEAMLINE_TRACING_SAMPLE_RATIO", "most")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("BEAMLINE_TRACING_SAMPLE_RATIO"), "{err}");
+        let err = load("", &[("BEAMLINE_TRACING_SAMPLE_RATIO", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tracing.sample_ratio"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! [`serve`] (wiring and lifecycle), [`migrate`], [`decide`], [`ops`] (operator
 //! commands over the admin API), [`private_nats`] (`serve --demo`'s own NATS),
 //! [`registry_check`] (`registry validate` / `diff` output),
-//! [`logging`].
+//! [`logging`], [`telemetry`] (OpenTelemetry export).
 
 mod cli;
 mod config;
@@ -19,6 +19,7 @@ mod ops;
 mod private_nats;
 mod registry_check;
 mod serve;
+mod telemetry;
 
 use std::process::ExitCode;
 

@@ -13,8 +13,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use crate::cli::{
-    BreakerCmd, Client, ClientArgs, Command, ExtAddArgs, ExtCmd, HealthCmd, InstanceCmd, Output,
-    PolicyCmd, RegistryCmd, VersionCmd,
+    BreakerCmd, CanaryCmd, Client, ClientArgs, Command, ExtAddArgs, ExtCmd, HealthCmd, InstanceCmd,
+    Output, PolicyCmd, RegistryCmd, VersionCmd,
 };
 
 /// The router could not be reached at all.
@@ -439,6 +439,55 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 ),
                 View::Fields,
             ),
+            ExtCmd::Canary(c) => {
+                let id_req = |id: String| proto::ExtensionIdRequest { id };
+                let reply = match c {
+                    CanaryCmd::Start {
+                        id,
+                        version,
+                        steps,
+                        min_calls,
+                        step_duration,
+                        max_error_rate_delta,
+                        max_p95_ratio,
+                        baseline,
+                        allow_breaker_open,
+                    } => {
+                        admin
+                            .client
+                            .canary_start(admin.req(proto::CanaryStartRequest {
+                                id,
+                                version,
+                                steps,
+                                min_calls,
+                                step_duration_ms: step_duration.map(|d| d.as_millis() as u64),
+                                max_error_rate_delta,
+                                max_p95_ratio,
+                                baseline: baseline.unwrap_or_default(),
+                                breaker_never_opened: allow_breaker_open.then_some(false),
+                            }))
+                            .await?
+                    }
+                    CanaryCmd::Status { id } => {
+                        let v = json_of(admin.client.canary_status(admin.req(id_req(id))).await?);
+                        match client.output {
+                            Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                            Output::Table => print!("{}", render_canary_status(&v)),
+                        }
+                        return Ok(());
+                    }
+                    CanaryCmd::Pause { id } => {
+                        admin.client.canary_pause(admin.req(id_req(id))).await?
+                    }
+                    CanaryCmd::Resume { id } => {
+                        admin.client.canary_resume(admin.req(id_req(id))).await?
+                    }
+                    CanaryCmd::Abort { id } => {
+                        admin.client.canary_abort(admin.req(id_req(id))).await?
+                    }
+                };
+                (json_of(reply), View::Written("rollout"))
+            }
             ExtCmd::Instance(c) => {
                 let (call, body) = match c {
                     InstanceCmd::Add {
@@ -650,6 +699,158 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     Ok(())
+}
+
+/// A number for a table cell: `-` when absent.
+fn num(v: &Value, digits: usize) -> String {
+    match v.as_f64() {
+        Some(f) if v.is_f64() => format!("{f:.digits$}"),
+        Some(_) => v.to_string(),
+        None => "-".into(),
+    }
+}
+
+/// `ext canary status` for people: the rollout, both versions' calls in the step's
+/// window, each gate and criterion against its threshold, then the history.
+pub fn render_canary_status(v: &Value) -> String {
+    let mut out = String::new();
+    let step = &v["step"];
+    let mut fields: Vec<(&str, String)> = vec![
+        ("extension", cell(&v["extension_id"])),
+        (
+            "rollout",
+            format!(
+                "{} ({} → {})",
+                cell(&v["rollout_id"]),
+                cell(&v["baseline_version"]),
+                cell(&v["candidate_version"])
+            ),
+        ),
+        ("state", cell(&v["state"])),
+        (
+            "step",
+            format!(
+                "{} of {}: {} (steps {}, since {})",
+                cell(&step["number"]),
+                cell(&step["of"]),
+                cell(&step["description"]),
+                cell(&v["steps"]),
+                cell(&step["started_at"])
+            ),
+        ),
+        (
+            "next",
+            format!(
+                "{}{}",
+                cell(&v["next"]["action"]),
+                v["next"]["reason"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+        ),
+    ];
+    if let Some(r) = v["reason"].as_str() {
+        fields.push(("reason", r.to_string()));
+    }
+    fields.push((
+        "judge",
+        format!(
+            "{} at {}{}",
+            cell(&v["judged_by"]),
+            cell(&v["judged_at"]),
+            if v["this_router_judges"] == true {
+                " (this router)"
+            } else {
+                ""
+            }
+        ),
+    ));
+    if let Some(m) = v["measured"].as_str() {
+        fields.push(("measured", m.to_string()));
+    }
+    let w = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, val) in &fields {
+        out.push_str(&format!("{k:<w$}  {val}\n"));
+    }
+    out.push('\n');
+    let versions: Vec<Value> = ["candidate", "baseline"]
+        .iter()
+        .map(|k| {
+            let s = &v[*k];
+            json!({
+                "role": k,
+                "version": s["version"],
+                "calls": s["calls"],
+                "errors": s["errors"],
+                "error_rate": num(&s["error_rate"], 4),
+                "p95_ms": num(&s["p95_latency_ms"], 3),
+                "breaker_opened": s["breaker_opened"],
+                "routers": s["routers"],
+            })
+        })
+        .collect();
+    out.push_str(&render_columns(
+        &Value::Array(versions),
+        &[
+            "role",
+            "version",
+            "calls",
+            "errors",
+            "error_rate",
+            "p95_ms",
+            "breaker_opened",
+            "routers",
+        ],
+    ));
+    out.push('\n');
+    let criteria: Vec<Value> = v["criteria"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            let ok = match c["ok"].as_bool() {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            };
+            let digits = if c["name"] == "error_rate" { 4 } else { 3 };
+            json!({
+                "criterion": c["name"],
+                "measured": num(&c["measured"], digits),
+                "threshold": num(&c["threshold"], digits),
+                "ok": ok,
+                "detail": c["detail"],
+            })
+        })
+        .collect();
+    out.push_str(&render_columns(
+        &Value::Array(criteria),
+        &["criterion", "measured", "threshold", "ok", "detail"],
+    ));
+    out.push('\n');
+    let history: Vec<Value> = v["history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|h| {
+            json!({
+                "at": h["at"],
+                "action": h["action"],
+                "step": h["step"].as_u64().map(|s| s + 1),
+                "to": h["to_state"],
+                "by": h["actor"],
+                "reason": h["reason"],
+            })
+        })
+        .collect();
+    out.push_str(&render_columns(
+        &Value::Array(history),
+        &["at", "action", "step", "to", "by", "reason"],
+    ));
+    out
 }
 
 enum InstanceCall {

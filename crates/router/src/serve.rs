@@ -6,8 +6,8 @@
 //! readiness turns unready and intake stops (gRPC refuses new connections, the NATS
 //! intake unsubscribes, the registry sync ends); requests already accepted get up to
 //! `[server] drain_timeout_ms` to finish; health is persisted for at most
-//! [`PERSIST_BOUND`]; NATS is flushed for at most [`FLUSH_BOUND`]; the process exits
-//! 0. Every step that waits on NATS or PostgreSQL is bounded and abandoned when its
+//! [`PERSIST_BOUND`]; NATS is flushed for at most [`FLUSH_BOUND`]; queued spans are
+//! exported for at most [`TRACING_BOUND`] (tracing on); the process exits 0. Every step that waits on NATS or PostgreSQL is bounded and abandoned when its
 //! bound passes, so a dead, paused or never-reached dependency cannot keep the
 //! process alive. A second signal exits at once with 128 + the signal's number.
 
@@ -34,24 +34,38 @@ pub const FLUSH_BOUND: Duration = Duration::from_secs(1);
 const PRIVATE_NATS_BOUND: Duration = Duration::from_secs(1);
 /// Longest the HTTP server (metrics, probes) may take to close after the drain.
 const HTTP_CLOSE_BOUND: Duration = Duration::from_secs(1);
+/// Longest the span exporter may take to send what is queued and stop (tracing on).
+pub const TRACING_BOUND: Duration = Duration::from_secs(1);
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Signal handlers first: a signal that arrives while we start must stop us
     // cleanly, not kill the process with the default action.
     let mut signals = Signals::install()?;
     let config = Config::load(args.config.as_deref())?;
-    crate::logging::init(&config.log);
+    let telemetry = crate::telemetry::init(&config.log, &config.tracing)?;
     let started = tokio::select! {
-        r = start(args, config) => r?,
+        r = start(args, config) => r,
         signal = signals.next() => {
             // Starting waits on NATS and PostgreSQL for a few seconds at most; a stop
             // asked for meanwhile is honoured at once (what was started is dropped
             // with the runtime).
             tracing::info!(signal, "stop requested while starting; exiting");
+            if let Some(t) = telemetry {
+                t.shutdown(TRACING_BOUND).await;
+            }
             return Ok(());
         }
     };
-    started.run_until_stopped(signals).await
+    let started = match started {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(t) = telemetry {
+                t.shutdown(TRACING_BOUND).await;
+            }
+            return Err(e);
+        }
+    };
+    started.run_until_stopped(signals, telemetry).await
 }
 
 /// Everything `serve` runs, between start and stop.
@@ -74,6 +88,8 @@ struct Running {
     readiness: JoinHandle<()>,
     sync: JoinHandle<()>,
     persist: JoinHandle<()>,
+    /// The canary judge (`[canary] enabled`); stops with the health persister.
+    canary: Option<JoinHandle<()>>,
     demo: Vec<JoinHandle<()>>,
     /// `--demo`'s own nats-server, when it started one.
     private_nats: Option<PrivateNats>,
@@ -194,6 +210,14 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
             persist_stop.clone(),
         ),
     );
+    // The canary judge: reports per-version health and, holding the lock, judges
+    // rollouts; it stops after the drain too, so the last calls are reported.
+    let canary = config.canary.enabled.then(|| {
+        tokio::spawn(
+            beamline_pipeline::canary::Judge::new(pipeline.clone(), config.canary.clone())
+                .run(persist_stop.clone()),
+        )
+    });
     let http_stop = CancellationToken::new();
     let http_listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -311,6 +335,7 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
         readiness,
         sync,
         persist,
+        canary,
         demo,
         private_nats,
     })
@@ -318,7 +343,11 @@ async fn start(args: ServeArgs, config: Config) -> anyhow::Result<Running> {
 
 impl Running {
     /// Serves until the first signal, then runs the bounded stop sequence.
-    async fn run_until_stopped(mut self, mut signals: Signals) -> anyhow::Result<()> {
+    async fn run_until_stopped(
+        mut self,
+        mut signals: Signals,
+        telemetry: Option<crate::telemetry::Telemetry>,
+    ) -> anyhow::Result<()> {
         let signal = tokio::select! {
             s = signals.next() => s,
             r = grpc_failed(&self.grpc) => anyhow::bail!("gRPC server stopped: {r}"),
@@ -353,8 +382,10 @@ impl Running {
         self.grpc.abort();
         self.readiness.abort();
 
-        // Health last, after the final requests were answered.
+        // Health last, after the final requests were answered: extension_health and
+        // the canary judge's last per-version report, together within one bound.
         self.persist_stop.cancel();
+        let persist_started = Instant::now();
         if tokio::time::timeout(PERSIST_BOUND, &mut self.persist)
             .await
             .is_err()
@@ -364,6 +395,16 @@ impl Running {
                 bound_ms = PERSIST_BOUND.as_millis() as u64,
                 "extension_health was not written at shutdown within its bound (database unreachable?); stopping anyway"
             );
+        }
+        if let Some(canary) = self.canary.as_mut() {
+            let left = PERSIST_BOUND.saturating_sub(persist_started.elapsed());
+            if tokio::time::timeout(left, &mut *canary).await.is_err() {
+                canary.abort();
+                tracing::warn!(
+                    bound_ms = PERSIST_BOUND.as_millis() as u64,
+                    "the canary judge's last report did not finish within the persistence bound; stopping anyway"
+                );
+            }
         }
         for task in &self.demo {
             task.abort();
@@ -375,6 +416,11 @@ impl Running {
                 bound_ms = FLUSH_BOUND.as_millis() as u64,
                 "final NATS flush did not finish within its bound (NATS unreachable?); stopping anyway"
             ),
+        }
+        // The last requests' spans, then the exporter (bounded: a collector that
+        // is down or slow does not hold the stop).
+        if let Some(t) = telemetry {
+            t.shutdown(TRACING_BOUND).await;
         }
         if let Some(p) = self.private_nats.take() {
             // Dropped at the bound, which kills it.

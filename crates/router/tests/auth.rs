@@ -47,6 +47,11 @@ enum Method {
     RemoveInstance,
     ValidateRegistry,
     DiffRegistry,
+    CanaryStart,
+    CanaryStatus,
+    CanaryPause,
+    CanaryResume,
+    CanaryAbort,
 }
 
 use Method::*;
@@ -69,6 +74,7 @@ const MATRIX: &[(Method, u8)] = &[
     (ListVersions, 0),
     (ValidateRegistry, 0),
     (DiffRegistry, 0),
+    (CanaryStatus, 0),
     (ReloadRegistry, 1),
     (SetRegistrySource, 1),
     (EnableExtension, 1),
@@ -77,6 +83,10 @@ const MATRIX: &[(Method, u8)] = &[
     (RolloutVersion, 1),
     (RollbackVersion, 1),
     (SetInstance, 1),
+    (CanaryStart, 1),
+    (CanaryPause, 1),
+    (CanaryResume, 1),
+    (CanaryAbort, 1),
     (SetExtension, 2),
     (AddExtension, 2),
     (AddVersion, 2),
@@ -284,6 +294,22 @@ async fn call(
             .await
             .map(|_| ()),
         DiffRegistry => c.diff_registry(req(proto::Empty {}, h)).await.map(|_| ()),
+        CanaryStart => c
+            .canary_start(req(
+                proto::CanaryStartRequest {
+                    id: "pii_guard".into(),
+                    version: "v2".into(),
+                    steps: "5,25,100".into(),
+                    ..Default::default()
+                },
+                h,
+            ))
+            .await
+            .map(|_| ()),
+        CanaryStatus => c.canary_status(req(id(), h)).await.map(|_| ()),
+        CanaryPause => c.canary_pause(req(id(), h)).await.map(|_| ()),
+        CanaryResume => c.canary_resume(req(id(), h)).await.map(|_| ()),
+        CanaryAbort => c.canary_abort(req(id(), h)).await.map(|_| ()),
     }
 }
 

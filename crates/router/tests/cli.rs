@@ -514,6 +514,19 @@ async fn writes_are_refused_in_fixtures_mode_with_edit_the_files() {
         ],
         &["ext", "instance", "remove", "normalize_text", "i"],
         &["ext", "disable", "normalize_text"],
+        &[
+            "ext",
+            "canary",
+            "start",
+            "normalize_text",
+            "--version",
+            "v2",
+            "--steps",
+            "5,25,100",
+        ],
+        &["ext", "canary", "pause", "normalize_text"],
+        &["ext", "canary", "resume", "normalize_text"],
+        &["ext", "canary", "abort", "normalize_text"],
     ];
     for args in writes {
         refused(
@@ -523,6 +536,16 @@ async fn writes_are_refused_in_fixtures_mode_with_edit_the_files() {
             &format!("{args:?}"),
         );
     }
+    // Rollouts live in the database: none to show.
+    refused(
+        router.cli(
+            Some(VIEWER_KEY),
+            &["ext", "canary", "status", "normalize_text"],
+        ),
+        6,
+        "canary rollouts live in the database",
+        "canary status",
+    );
     // The read-only ones work.
     let versions = router.json(
         Some(VIEWER_KEY),

@@ -13,86 +13,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use beamline_api::proto;
 use beamline_api::proto::router_client::RouterClient;
 use beamline_test_support::NatsServer;
+use common::node::*;
 use common::*;
 use serde_json::{Value, json};
-
-/// One extension process; killed when dropped (it also exits when its stdin closes).
-struct NodeExtension {
-    child: Child,
-}
-
-impl Drop for NodeExtension {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sources() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance")
-}
-
-/// Where scripts/test installed the npm packages; a clear failure when nowhere.
-fn node_modules() -> PathBuf {
-    let dir = std::env::var_os("BEAMLINE_CONFORMANCE_NODE_MODULES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-                });
-            cache.join("beamline-router/conformance/node_modules")
-        });
-    assert!(
-        dir.join("nats/package.json").is_file(),
-        "the conformance test needs the npm package nats (pinned in {}) in {}: run scripts/test, \
-         which installs it there (or: cp package.json package-lock.json into a directory, run \
-         `npm ci` in it, and set BEAMLINE_CONFORMANCE_NODE_MODULES to its node_modules)",
-        sources().join("package-lock.json").display(),
-        dir.display()
-    );
-    let node = Command::new("node").arg("--version").output();
-    assert!(
-        node.as_ref().is_ok_and(|o| o.status.success()),
-        "the conformance test needs Node.js (`node` on PATH): run scripts/test, which installs \
-         the Debian package nodejs ({node:?})"
-    );
-    dir
-}
-
-/// Starts `file` on NATS and waits (bounded) for its `ready` line.
-fn start_extension(file: &str, nats_url: &str, modules: &Path) -> NodeExtension {
-    let mut child = Command::new("node")
-        .arg(sources().join(file))
-        .env("NODE_PATH", modules)
-        .env("NATS_URL", nats_url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn node");
-    let stdout = child.stdout.take().unwrap();
-    let ext = NodeExtension { child };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(line) if line.starts_with("ready ") => ext,
-        other => panic!("{file} did not get ready within 30 s: {other:?}"),
-    }
-}
 
 /// The original's seed, one more post-processor written to its API document, and a
 /// policy for tenant acme that calls the provider's extension and both post steps.

@@ -1,7 +1,7 @@
 //! The shipped deployment files: the alert rules pass `promtool check rules` and their
 //! unit tests (`promtool test rules`); the Grafana dashboard parses, has the runbook's
-//! nine panels and the `extension` variable, and every metric its queries name is
-//! exported by a running router.
+//! nine panels, the canary rollout panel and the `extension` variable, and every
+//! metric its queries name is exported by a running router.
 
 mod common;
 
@@ -58,6 +58,8 @@ fn alert_rules_check_and_unit_tests_pass() {
         "ExtensionPayloadTooLarge",
         "ExtensionRetryLimitExceeded",
         "ExtensionRegistryRecordQuarantined",
+        "ExtensionRolloutRolledBack",
+        "ExtensionRolloutStuck",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),
@@ -132,7 +134,28 @@ async fn the_dashboard_parses_and_names_only_exported_metrics() {
     let dash: Value = serde_json::from_str(&text).expect("dashboard is JSON");
     assert!(dash["title"].is_string() && dash["uid"].is_string());
     let panels = dash["panels"].as_array().expect("panels");
-    assert_eq!(panels.len(), 9, "the runbook's nine panels");
+    let beyond = |p: &&Value| {
+        p["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("Beyond the runbook"))
+    };
+    assert_eq!(
+        panels.iter().filter(|p| !beyond(p)).count(),
+        9,
+        "the runbook's nine panels"
+    );
+    let rollout = panels
+        .iter()
+        .find(|p| p["title"] == "Canary Rollouts")
+        .expect("a rollout panel");
+    assert!(beyond(&rollout));
+    let rollout_queries = rollout["targets"].to_string();
+    for name in [
+        "router_extension_rollout_step",
+        "router_extension_rollout_state",
+    ] {
+        assert!(rollout_queries.contains(name), "{name}: {rollout_queries}");
+    }
     let vars: Vec<&str> = dash["templating"]["list"]
         .as_array()
         .unwrap()
@@ -159,12 +182,33 @@ async fn the_dashboard_parses_and_names_only_exported_metrics() {
         assert!(mappings.contains(word), "state mapping lacks {word}");
     }
 
-    // A running router exports every one of them.
+    // A running router exports every one of them (the rollout panel's once a
+    // rollout exists).
     let db = migrated_database().await;
     sqlx::raw_sql(SEED).execute(&db.pool().await).await.unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO extension_versions (id, version, subject, timeout_ms, retry, routing_rules) \
+           VALUES ('normalize_text', 'v2', 'beamline.ext.pre.normalize_text.v2', 100, 0, '{\"tenant_id\": []}'); \
+         INSERT INTO extension_rollouts (extension_id, candidate_version, baseline_version, steps) \
+           VALUES ('normalize_text', 'v2', 'v1', '[5, 100]')",
+    )
+    .execute(&db.pool().await)
+    .await
+    .unwrap();
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let router = start(&write_config(dir.path(), db.url(), &nats.url(), ""));
+    let router = start(&write_config(
+        dir.path(),
+        db.url(),
+        &nats.url(),
+        "\n[canary]\nevaluation_interval_ms = 200\n",
+    ));
+    wait_until(20, "the rollout gauges", async || {
+        http_get(&router.http, "/metrics")
+            .1
+            .contains("router_extension_rollout_step{extension_id=\"normalize_text\"} 5")
+    })
+    .await;
     let (_, page) = http_get(&router.http, "/metrics");
     for name in &used {
         assert!(

@@ -356,7 +356,7 @@ INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('default', 'default'
                 .map(|r| r["name"].as_str().unwrap().to_string())
         })
         .collect();
-    assert_eq!(names.len(), 11, "{names:?}");
+    assert_eq!(names.len(), 13, "{names:?}");
     let (_, alerts) = http_get(&prom, "/api/v1/alerts");
     let alerts: Value = serde_json::from_str(&alerts).unwrap();
     let firing: Vec<(String, String)> = alerts["data"]["alerts"]

@@ -28,8 +28,10 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
 const DRAIN_MS: u64 = 5_000;
-/// The stop sequence's own bound (crates/router/src/serve.rs).
-const STOP_BOUND: Duration = Duration::from_millis(DRAIN_MS + 5_000 + 1_000 + 1_000 + 500);
+/// The stop sequence's own bound (crates/router/src/serve.rs): the drain, health
+/// persistence (5 s), the NATS flush (1 s), the span exporter's flush (1 s), the HTTP
+/// server's close (1 s), and a little.
+const STOP_BOUND: Duration = Duration::from_millis(DRAIN_MS + 5_000 + 1_000 + 1_000 + 1_000 + 500);
 /// Allowance on top of the bound for a machine busy with other work: the point is
 /// that the process ends, and ends about when the bound says.
 const SLACK: Duration = Duration::from_secs(10);
@@ -251,12 +253,18 @@ async fn fault_matrix(fault: Fault) {
         _ => None,
     };
 
+    // Tracing on, towards a collector that never answers (TCP connects, nothing
+    // else): the span exporter's flush must not hold the stop past its bound either.
+    let stuck_collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut router = start(&write_config(
         dir.path(),
         db.url(),
         &nats_url,
-        &format!("\n[server]\ndrain_timeout_ms = {DRAIN_MS}\n"),
+        &format!(
+            "\n[server]\ndrain_timeout_ms = {DRAIN_MS}\n[tracing]\nendpoint = \"http://{}\"\n",
+            stuck_collector.local_addr().unwrap()
+        ),
     ));
     let grpc = RouterClient::connect(router.addr.clone()).await.unwrap();
 

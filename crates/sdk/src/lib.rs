@@ -25,12 +25,20 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Tracing: when a request carries a W3C `traceparent` header (the router sends one
+//! with every request while it traces, and passes a caller's on otherwise), the
+//! handler runs in a span `handle <subject>` (target `beamline_sdk`) whose
+//! OpenTelemetry parent is the router's call: install a `tracing-opentelemetry` layer
+//! in the extension's subscriber and its spans join the request's trace. Requests
+//! without the header make no span.
+//!
 //! Layout: this file (handler, responses, serving); [`reference`] holds the reference
 //! extensions (normalize_text, pii_guard, mask_pii, test_provider, echo). The wire
 //! format itself is `beamline_model::wire`, shared with the router, and documented for
 //! other languages in `docs/EXTENSIONS.md`.
 
 pub mod reference;
+mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -228,9 +236,11 @@ async fn answer<H: Handler>(
             break;
         };
         let (client, handler) = (client.clone(), handler.clone());
+        let span = trace::handler_span(&msg);
         tokio::spawn(async move {
             let _permit = permit;
-            let (body, headers) = respond(&*handler, &msg.payload).await;
+            let (body, headers) = trace::within(&span, respond(&*handler, &msg.payload)).await;
+            trace::ended(&span, headers.as_ref());
             let result = match headers {
                 Some(h) => client.publish_with_headers(reply_to, h, body.into()).await,
                 None => client.publish(reply_to, body.into()).await,

@@ -20,6 +20,8 @@
 //!   with NKeys) and `.creds` files, for `credentials_file` tests.
 //! - [`TestCa`]: a throwaway certificate authority issuing server and client
 //!   certificates (for TLS and mTLS tests).
+//! - [`OtlpReceiver`]: an OTLP/gRPC trace receiver (what an OpenTelemetry Collector
+//!   receives), built from the official protocol definitions, that keeps the spans.
 //! - [`free_port`]: a TCP port on 127.0.0.1 that was free a moment ago.
 //! - [`bench`]: what the benches of several crates share (the benchmark registry
 //!   dataset in PostgreSQL, percentiles, the binary's allocator tuning).
@@ -63,6 +65,7 @@ pub mod bench;
 mod database;
 mod nats;
 mod nats_jwt;
+mod otlp;
 mod postgres;
 mod process;
 mod tls;
@@ -72,6 +75,7 @@ use std::net::{Ipv4Addr, TcpListener};
 pub use database::TestDatabase;
 pub use nats::{NatsCluster, NatsServer};
 pub use nats_jwt::NatsOperator;
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use postgres::PgCluster;
 pub use tls::{Issued, TestCa};
 

@@ -14,6 +14,7 @@ use super::state::RequestState;
 use crate::balancer::SmoothWrr;
 use crate::invoker::{Call, InvokeError};
 use crate::observer::InvocationEvent;
+use crate::trace::CallTrace;
 
 /// What `executed_extensions` records of a call, apart from its outcome.
 #[derive(Default)]
@@ -74,12 +75,15 @@ impl Pipeline {
             config,
             provider,
         } = step;
-        let fail = |e: InvokeError, version: Option<String>| StepRun {
-            outcome: Err(e),
-            meta: StepMeta {
-                version,
-                ..StepMeta::default()
-            },
+        let fail = |e: InvokeError, version: Option<String>| {
+            crate::trace::refused(expected.as_str(), id, version.as_deref(), &e);
+            StepRun {
+                outcome: Err(e),
+                meta: StepMeta {
+                    version,
+                    ..StepMeta::default()
+                },
+            }
         };
         let Some(entry) = state.snapshot.entry(id) else {
             return fail(InvokeError::NotFound, None);
@@ -214,6 +218,7 @@ impl Pipeline {
                 tenant_id: tenant,
                 deadline: state.deadline,
                 headers: self.inner.invoker.sends_headers(resolved),
+                trace: CallTrace::new(&state.trace, instance.as_deref(), permit.admission()),
             })
             .await;
         let end = self.inner.runtime.now();
@@ -222,9 +227,17 @@ impl Pipeline {
             .as_ref()
             .err()
             .is_none_or(InvokeError::counts_against_extension);
+        // Per-version calls for the canary judge, for extensions that have versions.
+        let versioned = !entry.versions.is_empty();
         if counts {
             rt.health.record(end, stats.latency, success);
+            if versioned {
+                rt.record_version(&resolved.version, stats.latency, success);
+            }
             if let Some(t) = permit.record(success, end) {
+                if versioned && t.to == crate::breaker::BreakerState::Open {
+                    rt.version_breaker_opened(&resolved.version);
+                }
                 self.breaker_changed(id, None, t);
             }
             if let Some(inst) = &instance

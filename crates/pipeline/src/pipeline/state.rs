@@ -32,6 +32,8 @@ pub(crate) struct RequestState {
     pub dry_run: bool,
     /// `executed_extensions`, in execution order.
     pub executed: Vec<ExecutedExtension>,
+    /// The caller's trace context, passed on to every extension request.
+    pub trace: crate::trace::Incoming,
 }
 
 impl RequestState {
@@ -96,6 +98,7 @@ impl RequestState {
             deadline,
             dry_run,
             executed: Vec::new(),
+            trace: Default::default(),
         })
     }
 

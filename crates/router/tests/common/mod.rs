@@ -2,6 +2,8 @@
 //! start line parsed for the gRPC address, the process killed on drop.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

@@ -98,21 +98,35 @@ async fn closed_open_half_open_closed_and_reopen() {
 #[tokio::test]
 async fn timeouts_and_garbage_count_as_failures_but_refusals_do_not() {
     let mut h = Harness::new(
-        json!([ext("slow", "pre", 20, 0)]),
-        json!({"providers": [{"name": "p"}], "pre": [{"id": "slow", "mode": "optional"}]}),
+        json!([ext("slow", "pre", 20, 0), ext("garbage", "pre", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "slow", "mode": "optional"},
+                                                      {"id": "garbage", "mode": "optional"}]}),
     )
     .await;
     h.serve("slow", Slow(Duration::from_millis(300))).await;
+    let _g = serve_raw(&h.client, &h.subject("garbage"), b"not json".to_vec()).await;
     for _ in 0..5 {
-        h.pipeline.decide(h.request("x")).await.unwrap();
+        let d = h.pipeline.decide(h.request("x")).await.unwrap();
+        assert_eq!(
+            d.executed_extensions
+                .iter()
+                .map(|e| e.status.as_str())
+                .collect::<Vec<_>>(),
+            vec!["error", "error"]
+        );
     }
     let rt = h.pipeline.runtime();
-    assert_eq!(rt.extension("slow").breaker.state(), BreakerState::Open);
+    for id in ["slow", "garbage"] {
+        assert_eq!(rt.extension(id).breaker.state(), BreakerState::Open, "{id}");
+    }
     // Calls refused while open are not failures of the extension.
     for _ in 0..10 {
         h.pipeline.decide(h.request("x")).await.unwrap();
     }
-    assert_eq!(rt.health_of("slow", rt.now()).health.failure_count, 5);
+    for id in ["slow", "garbage"] {
+        let health = rt.health_of(id, rt.now()).health;
+        assert_eq!((health.success_count, health.failure_count), (0, 5), "{id}");
+    }
 }
 
 #[tokio::test]

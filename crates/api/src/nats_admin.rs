@@ -331,7 +331,7 @@ pub async fn subscribe(
                 .await?,
         );
     }
-    client.flush().await?;
+    crate::nats_intake::server_has_seen(client).await?;
     Ok(subs)
 }
 

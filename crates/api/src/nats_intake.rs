@@ -229,8 +229,27 @@ pub async fn subscribe(
     let sub = client
         .queue_subscribe(DECIDE_SUBJECT.to_string(), QUEUE_GROUP.to_string())
         .await?;
-    client.flush().await?;
+    server_has_seen(client).await?;
     Ok(sub)
+}
+
+/// Returns once the server has processed everything this client sent before it.
+/// `flush` only writes to the socket: a subscription it "flushed" may not be in force
+/// yet when another connection publishes. The server handles one connection's
+/// commands in order, so a message to a subject of our own, subscribed, published
+/// and received back on this connection, proves the earlier subscriptions are.
+pub async fn server_has_seen(client: &async_nats::Client) -> Result<(), async_nats::Error> {
+    let probe = client.new_inbox();
+    let mut sub = client.subscribe(probe.clone()).await?;
+    client.publish(probe, bytes::Bytes::new()).await?;
+    client.flush().await?;
+    if sub.next().await.is_none() {
+        return Err(
+            "the NATS connection closed before the server confirmed the subscriptions".into(),
+        );
+    }
+    let _ = sub.unsubscribe().await;
+    Ok(())
 }
 
 /// Answers requests arriving on `sub` until `shutdown`, then drains.

@@ -90,10 +90,18 @@ async fn sigterm_drains_in_flight_requests_and_persists_health() {
     }
     // Every request is in flight: the extension has received all 30 calls (and
     // answers each 700 ms later), so SIGTERM lands while they are being served.
-    wait_until(20, "all 30 calls reached the extension", async || {
-        received.load(std::sync::atomic::Ordering::SeqCst) == 30
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.load(std::sync::atomic::Ordering::SeqCst) < 30 {
+        if Instant::now() > deadline {
+            panic!(
+                "only {} of 30 calls reached the extension in 20 s (finished: {} gRPC, {} intake)",
+                received.load(std::sync::atomic::Ordering::SeqCst),
+                grpc.iter().filter(|j| j.is_finished()).count(),
+                intake.iter().filter(|j| j.is_finished()).count(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let stopping = Instant::now();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(router.child.id() as i32, libc::SIGTERM) };

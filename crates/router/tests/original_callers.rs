@@ -458,7 +458,15 @@ async fn every_error_code_gets_its_grpc_status_in_both_modes() {
     nc.flush().await.unwrap();
 
     // (tenant, policy_id, context, error code, status in "grpc", status in "original")
-    let cases: &[(&str, &str, &[(&str, &str)], &str, Code, Code)] = &[
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        Code,
+        Code,
+    );
+    let cases: &[Case] = &[
         (
             "",
             "",

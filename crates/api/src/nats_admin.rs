@@ -331,7 +331,8 @@ pub async fn subscribe(
                 .await?,
         );
     }
-    crate::nats_intake::server_has_seen(client).await?;
+    client.flush().await?;
+    crate::nats_intake::server_has_seen(client).await;
     Ok(subs)
 }
 

@@ -168,7 +168,7 @@ async fn when_conditions_skip_steps() {
 #[tokio::test]
 async fn retries_on_timeout_then_succeed() {
     let mut h = Harness::new(
-        json!([ext("s", "pre", 100, 2)]),
+        json!([ext("s", "pre", 300, 2)]),
         json!({"providers": [{"name": "p"}], "pre": [{"id": "s"}]}),
     )
     .await;
@@ -180,7 +180,10 @@ async fn retries_on_timeout_then_succeed() {
     let d = h.pipeline.decide(h.request("x")).await.unwrap();
     assert_eq!(hits.load(Ordering::Relaxed), 3, "1 try + 2 retries");
     assert_eq!(d.executed_extensions[0].status, StepStatus::Ok);
-    assert!(d.executed_extensions[0].latency_ms >= 200.0);
+    assert!(
+        d.executed_extensions[0].latency_ms >= 600.0,
+        "two 300 ms timeouts before the answer"
+    );
 }
 
 #[tokio::test]
@@ -351,7 +354,7 @@ async fn providers_by_weight_sticky_and_fallbacks() {
         "fallbacks": [{"when": {"status": ["timeout", "5xx"]}, "retry": 0, "to": "b"}]});
     let mut h = Harness::new(
         json!([
-            ext("pa", "provider", 100, 0),
+            ext("pa", "provider", 5000, 0),
             ext("pb", "provider", 1000, 0)
         ]),
         policy.clone(),
@@ -390,8 +393,8 @@ async fn providers_by_weight_sticky_and_fallbacks() {
     sticky["sticky"] = json!(true);
     let mut h = Harness::new(
         json!([
-            ext("pa", "provider", 1000, 0),
-            ext("pb", "provider", 1000, 0)
+            ext("pa", "provider", 5000, 0),
+            ext("pb", "provider", 5000, 0)
         ]),
         sticky,
     )
@@ -531,7 +534,7 @@ async fn disabled_and_unknown_extensions() {
 
 #[tokio::test]
 async fn an_extension_that_vanishes_mid_run() {
-    let mut h = Harness::new(json!([ext("a", "pre", 300, 0), ext("b", "pre", 300, 0)]), json!({"providers": [{"name": "p"}], "pre": [{"id": "a"}, {"id": "b", "mode": "optional"}]})).await;
+    let mut h = Harness::new(json!([ext("a", "pre", 2000, 0), ext("b", "pre", 2000, 0)]), json!({"providers": [{"name": "p"}], "pre": [{"id": "a"}, {"id": "b", "mode": "optional"}]})).await;
     h.serve("a", Tag("a")).await;
     h.serve("b", Tag("b")).await;
     assert_eq!(
@@ -919,7 +922,7 @@ async fn no_eligible_instance_falls_back_to_the_first_enabled_then_the_subject()
 #[tokio::test]
 async fn retry_limit_exceeded_is_reported_once_the_retries_are_spent() {
     let mut h = Harness::new(
-        json!([ext("gone", "pre", 200, 1), ext("once", "pre", 200, 0), ext("s", "pre", 100, 2)]),
+        json!([ext("gone", "pre", 200, 1), ext("once", "pre", 200, 0), ext("s", "pre", 300, 2)]),
         json!({"providers": [{"name": "p"}],
                "pre": [{"id": "gone", "mode": "optional"}, {"id": "once", "mode": "optional"}, {"id": "s"}]}),
     )

@@ -338,6 +338,7 @@ pub async fn subscribe(
         );
     }
     client.flush().await?;
+    crate::nats_intake::server_has_seen(client).await;
     Ok(subs)
 }
 

@@ -379,7 +379,34 @@ pub async fn subscribe(
         .queue_subscribe(DECIDE_SUBJECT.to_string(), QUEUE_GROUP.to_string())
         .await?;
     client.flush().await?;
+    server_has_seen(client).await;
     Ok(sub)
+}
+
+/// The subject of the request [`server_has_seen`] sends (nobody answers it).
+pub const READY_PROBE_PREFIX: &str = "beamline.ext.router-ready";
+
+/// Waits (at most 2 s) until the server has processed everything this client sent
+/// before. `flush` only writes to the socket: a subscription it "flushed" may not be
+/// in force yet when another connection publishes. The server handles one
+/// connection's commands in order, so the answer to a request sent now — "no
+/// responders", since nobody listens on the probe subject — proves the earlier
+/// subscriptions are. The probe is under `beamline.ext.>`, which the router may
+/// publish to anyway (DEPLOYMENT.md); any outcome ends the wait, so a server that
+/// refuses it only costs the 2 s.
+pub async fn server_has_seen(client: &async_nats::Client) {
+    let inbox = client.new_inbox();
+    let id = inbox.rsplit('.').next().unwrap_or("probe");
+    let request = async_nats::Request::new()
+        .payload(bytes::Bytes::new())
+        .timeout(Some(std::time::Duration::from_secs(2)));
+    if let Err(e) = client
+        .send_request(format!("{READY_PROBE_PREFIX}.{id}"), request)
+        .await
+        && e.kind() != async_nats::RequestErrorKind::NoResponders
+    {
+        tracing::debug!(error = %e, "NATS subscription round trip did not complete");
+    }
 }
 
 /// Answers requests arriving on `sub` until `shutdown`, then drains.

@@ -541,6 +541,93 @@ mod tests {
         assert!(record(v).is_ok());
     }
 
+    /// Every bound is inclusive: the limit itself is valid, one past it is not.
+    #[test]
+    fn bounds_are_inclusive() {
+        let base = json!({"id": "x", "type": "pre", "subject": "a.b", "timeout_ms": 100});
+        let with = |field: &str, value: Value| {
+            let mut v = base.clone();
+            v[field] = value;
+            record(v)
+        };
+        let l = Limits::default();
+        for (field, ok, bad) in [
+            (
+                "id",
+                json!("i".repeat(MAX_ID_LEN)),
+                json!("i".repeat(MAX_ID_LEN + 1)),
+            ),
+            (
+                "version",
+                json!("v".repeat(MAX_VERSION_LEN)),
+                json!("v".repeat(MAX_VERSION_LEN + 1)),
+            ),
+            (
+                "timeout_ms",
+                json!(l.min_timeout_ms),
+                json!(l.min_timeout_ms - 1),
+            ),
+            (
+                "timeout_ms",
+                json!(l.max_timeout_ms),
+                json!(l.max_timeout_ms + 1),
+            ),
+            ("retry", json!(l.max_retry), json!(l.max_retry + 1)),
+            ("retry", json!(0), json!(-1)),
+        ] {
+            assert!(with(field, ok.clone()).is_ok(), "{field} = {ok} is valid");
+            assert_eq!(
+                with(field, bad.clone()).unwrap_err().field,
+                field,
+                "{field} = {bad}"
+            );
+        }
+    }
+
+    /// The metadata keys the pipeline reads are checked for their type.
+    #[test]
+    fn metadata_keys_the_pipeline_reads_are_typed() {
+        let with = |metadata: Value| {
+            record(
+                json!({"id": "x", "type": "pre", "subject": "a.b", "timeout_ms": 100,
+                          "metadata": metadata}),
+            )
+        };
+        for ok in [
+            json!({"max_payload_size": 600}),
+            json!({"max_metadata_size": 1}),
+            json!({"allowed_tenants": ["acme", "beta"]}),
+            json!({"allowed_tenants": []}),
+        ] {
+            assert!(with(ok.clone()).is_ok(), "{ok}");
+        }
+        for (bad, field) in [
+            (json!({"max_payload_size": 0}), "metadata.max_payload_size"),
+            (
+                json!({"max_metadata_size": -5}),
+                "metadata.max_metadata_size",
+            ),
+            (
+                json!({"allowed_tenants": "acme"}),
+                "metadata.allowed_tenants",
+            ),
+            (
+                json!({"allowed_tenants": ["acme", 7]}),
+                "metadata.allowed_tenants",
+            ),
+        ] {
+            assert_eq!(with(bad.clone()).unwrap_err().field, field, "{bad}");
+        }
+        // The same keys in `config` are the extension's own business.
+        assert!(
+            record(
+                json!({"id": "x", "type": "pre", "subject": "a.b", "timeout_ms": 100,
+                          "config": {"max_payload_size": 0, "allowed_tenants": "any"}})
+            )
+            .is_ok()
+        );
+    }
+
     #[test]
     fn timeout_error_carries_its_reference_name() {
         let err = record(json!({"id": "x", "type": "pre", "subject": "a", "timeout_ms": 20000}))

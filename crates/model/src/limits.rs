@@ -305,6 +305,66 @@ mod tests {
         assert_eq!(err.code, Some("metadata_too_large"));
     }
 
+    /// Objects count for depth like arrays: nested objects exactly at the limit pass,
+    /// one level more fails; an object with exactly the key limit passes.
+    #[test]
+    fn object_depth_and_key_count_at_the_limit() {
+        let limits = Limits::default();
+        let mut v = json!({});
+        for _ in 0..limits.max_json_depth - 1 {
+            v = json!({ "k": v });
+        }
+        assert!(
+            limits.check_json_shape(&v).is_ok(),
+            "depth {}",
+            limits.max_json_depth
+        );
+        let deeper = json!({ "k": v });
+        assert!(limits.check_json_shape(&deeper).is_err());
+        let exactly: serde_json::Map<String, Value> = (0..limits.max_json_object_keys)
+            .map(|i| (format!("k{i}"), json!(i)))
+            .collect();
+        assert!(limits.check_json_shape(&Value::Object(exactly)).is_ok());
+    }
+
+    /// `check_map_shape` keeps the same bounds as `check_json_shape`, and names the
+    /// configured depth limit when it is 1.
+    #[test]
+    fn map_shape_at_the_limits() {
+        let limits = Limits::default();
+        let keys = |n: usize| -> serde_json::Map<String, Value> {
+            (0..n).map(|i| (format!("k{i}"), json!(i))).collect()
+        };
+        assert!(
+            limits
+                .check_map_shape(&keys(limits.max_json_object_keys))
+                .is_ok()
+        );
+        assert!(
+            limits
+                .check_map_shape(&keys(limits.max_json_object_keys + 1))
+                .is_err()
+        );
+        let two = Limits {
+            max_json_depth: 2,
+            ..Limits::default()
+        };
+        let nested = json!({"a": {"b": 1}, "c": [1]});
+        assert!(two.check_map_shape(nested.as_object().unwrap()).is_ok());
+        let one = Limits {
+            max_json_depth: 1,
+            ..Limits::default()
+        };
+        for v in [json!({"a": {"b": 1}}), json!({"a": [1]})] {
+            let err = one.check_map_shape(v.as_object().unwrap()).unwrap_err();
+            assert!(err.reason.contains("limit of 1"), "{v}: {err}");
+        }
+        assert!(
+            one.check_map_shape(json!({"a": 1}).as_object().unwrap())
+                .is_ok()
+        );
+    }
+
     #[test]
     fn limits_validate_catches_nonsense() {
         let l = Limits {
@@ -313,5 +373,12 @@ mod tests {
         };
         assert_eq!(l.validate().unwrap_err().field, "min_timeout_ms");
         assert!(Limits::default().validate().is_ok());
+        // One allowed timeout (min = max) is a valid range.
+        let one = Limits {
+            min_timeout_ms: 100,
+            max_timeout_ms: 100,
+            ..Limits::default()
+        };
+        assert!(one.validate().is_ok());
     }
 }

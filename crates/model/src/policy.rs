@@ -657,6 +657,50 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Every bound of a policy's breaker overrides, inclusive where it says so.
+    #[test]
+    fn breaker_override_bounds() {
+        let check = |v: Value| {
+            serde_json::from_value::<BreakerOverrides>(v)
+                .unwrap()
+                .validate()
+                .map_err(|e| e.field)
+        };
+        for ok in [
+            json!({}),
+            json!({"failure_threshold": 1, "timeout_seconds": 1, "half_open_max_requests": 1}),
+            json!({"window_seconds": 1}),
+            json!({"window_seconds": 60}),
+            json!({"window_seconds": 3600}),
+            json!({"error_rate_threshold": 0.0001}),
+            json!({"error_rate_threshold": 0.5}),
+            json!({"error_rate_threshold": 1.0}),
+        ] {
+            assert_eq!(check(ok.clone()), Ok(()), "{ok}");
+        }
+        for (bad, field) in [
+            (json!({"failure_threshold": 0}), "failure_threshold"),
+            (json!({"timeout_seconds": 0}), "timeout_seconds"),
+            (
+                json!({"half_open_max_requests": 0}),
+                "half_open_max_requests",
+            ),
+            (json!({"window_seconds": 0}), "window_seconds"),
+            (json!({"window_seconds": 3601}), "window_seconds"),
+            (json!({"error_rate_threshold": 0.0}), "error_rate_threshold"),
+            (
+                json!({"error_rate_threshold": -0.5}),
+                "error_rate_threshold",
+            ),
+            (
+                json!({"error_rate_threshold": 1.01}),
+                "error_rate_threshold",
+            ),
+        ] {
+            assert_eq!(check(bad.clone()), Err(field.to_string()), "{bad}");
+        }
+    }
+
     fn policy(v: Value) -> Result<Policy, ValidationError> {
         let doc = Policy::parse_document(v)?;
         Policy::from_document("acme", "default", true, doc, &Limits::default())

@@ -243,6 +243,16 @@ mod tests {
         RoutingRules::parse(&v).unwrap()
     }
 
+    /// Only a key listing no value (the runbook's rollback) matches nothing.
+    #[test]
+    fn matches_nothing_only_for_an_empty_list() {
+        assert!(rules(json!({"tenant_id": []})).matches_nothing());
+        assert!(rules(json!({"tenant_id": ["a"], "region": []})).matches_nothing());
+        assert!(!rules(json!({"tenant_id": ["a"]})).matches_nothing());
+        assert!(!rules(json!({"tenant_id": "a"})).matches_nothing());
+        assert!(!rules(json!({})).matches_nothing());
+    }
+
     #[test]
     fn empty_rules_match_everything() {
         assert!(rules(json!({})).matches(&[("tenant_id", "x")]));

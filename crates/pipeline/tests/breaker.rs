@@ -98,21 +98,35 @@ async fn closed_open_half_open_closed_and_reopen() {
 #[tokio::test]
 async fn timeouts_and_garbage_count_as_failures_but_refusals_do_not() {
     let mut h = Harness::new(
-        json!([ext("slow", "pre", 20, 0)]),
-        json!({"providers": [{"name": "p"}], "pre": [{"id": "slow", "mode": "optional"}]}),
+        json!([ext("slow", "pre", 20, 0), ext("garbage", "pre", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "slow", "mode": "optional"},
+                                                      {"id": "garbage", "mode": "optional"}]}),
     )
     .await;
     h.serve("slow", Slow(Duration::from_millis(300))).await;
+    let _g = serve_raw(&h.client, &h.subject("garbage"), b"not json".to_vec()).await;
     for _ in 0..5 {
-        h.pipeline.decide(h.request("x")).await.unwrap();
+        let d = h.pipeline.decide(h.request("x")).await.unwrap();
+        assert_eq!(
+            d.executed_extensions
+                .iter()
+                .map(|e| e.status.as_str())
+                .collect::<Vec<_>>(),
+            vec!["error", "error"]
+        );
     }
     let rt = h.pipeline.runtime();
-    assert_eq!(rt.extension("slow").breaker.state(), BreakerState::Open);
+    for id in ["slow", "garbage"] {
+        assert_eq!(rt.extension(id).breaker.state(), BreakerState::Open, "{id}");
+    }
     // Calls refused while open are not failures of the extension.
     for _ in 0..10 {
         h.pipeline.decide(h.request("x")).await.unwrap();
     }
-    assert_eq!(rt.health_of("slow", rt.now()).health.failure_count, 5);
+    for id in ["slow", "garbage"] {
+        let health = rt.health_of(id, rt.now()).health;
+        assert_eq!((health.success_count, health.failure_count), (0, 5), "{id}");
+    }
 }
 
 #[tokio::test]
@@ -262,4 +276,114 @@ async fn a_failing_canary_version_does_not_cut_off_the_base_version() {
     assert_eq!(rt.health_of("n", rt.now()).circuit_breaker_state, "open");
     assert!(!rt.reset_breakers("n").is_empty());
     assert_eq!(rt.effective_state("n"), BreakerState::Closed);
+}
+
+/// Answers `n` times, then fails every call.
+struct OkThenFail {
+    n: u64,
+    seen: AtomicU64,
+}
+
+impl Handler for OkThenFail {
+    async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        if self.seen.fetch_add(1, Ordering::Relaxed) < self.n {
+            Ok(Response::unchanged())
+        } else {
+            Err(ExtensionError::new("late", "fails from now on"))
+        }
+    }
+}
+
+/// The error-rate rule trips on the rate, not on the count of failures: one failure
+/// in ten calls (10 %) leaves the breaker closed; five of ten (50 %) open it.
+#[tokio::test]
+async fn the_error_rate_rule_compares_the_rate_with_its_threshold() {
+    let breaker = beamline_pipeline::BreakerConfig {
+        min_calls: 10,
+        ..beamline_pipeline::BreakerConfig::default()
+    };
+    let mut h = Harness::with(
+        json!([ext("s", "pre", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "s", "mode": "optional"}]}),
+        breaker,
+        beamline_model::Limits::default(),
+    )
+    .await;
+    h.serve(
+        "s",
+        OkThenFail {
+            n: 9,
+            seen: AtomicU64::new(0),
+        },
+    )
+    .await;
+    for _ in 0..10 {
+        h.pipeline.decide(h.request("x")).await.unwrap();
+    }
+    let rt = h.pipeline.runtime();
+    assert_eq!(
+        rt.extension("s").breaker.state(),
+        BreakerState::Closed,
+        "1 failure in 10 calls is under the 50 % threshold"
+    );
+    // Four more failures: 5 of 14 (36 %) and 4 consecutive: still closed; the fifth
+    // consecutive failure opens it.
+    for _ in 0..3 {
+        h.pipeline.decide(h.request("x")).await.unwrap();
+    }
+    assert_eq!(rt.extension("s").breaker.state(), BreakerState::Closed);
+    h.pipeline.decide(h.request("x")).await.unwrap();
+    h.pipeline.decide(h.request("x")).await.unwrap();
+    assert_eq!(rt.extension("s").breaker.state(), BreakerState::Open);
+}
+
+/// Records the `status` label and the error of every invocation.
+#[derive(Default)]
+struct Statuses(std::sync::Mutex<Vec<(String, &'static str)>>);
+
+impl beamline_pipeline::Observer for Statuses {
+    fn invocation(&self, event: &beamline_pipeline::InvocationEvent<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((event.extension_id.to_string(), event.status));
+    }
+}
+
+/// The metric's `status` label: `success`, `timeout` for a timed-out call, `error`
+/// for an error reply; a call refused by an open breaker carries its version in
+/// executed_extensions.
+#[tokio::test]
+async fn invocation_status_labels_and_refused_calls_keep_their_version() {
+    let mut h = Harness::new(
+        json!([ext("ok", "pre", 1000, 0), ext("slow", "pre", 20, 0), ext("bad", "pre", 1000, 0)]),
+        json!({"providers": [{"name": "p"}], "pre": [{"id": "ok"}, {"id": "slow", "mode": "optional"},
+                                                      {"id": "bad", "mode": "optional"}]}),
+    )
+    .await;
+    let seen = Arc::new(Statuses::default());
+    h.pipeline = h.pipeline.clone().with_observer(seen.clone());
+    h.serve("ok", Tag("ok")).await;
+    h.serve("slow", Slow(Duration::from_millis(300))).await;
+    h.serve("bad", Fail).await;
+    h.pipeline.decide(h.request("x")).await.unwrap();
+    assert_eq!(
+        *seen.0.lock().unwrap(),
+        vec![
+            ("ok".to_string(), "success"),
+            ("slow".to_string(), "timeout"),
+            ("bad".to_string(), "error")
+        ]
+    );
+    // Open bad's breaker (five failures), then look at a refused call's entry.
+    for _ in 0..4 {
+        h.pipeline.decide(h.request("x")).await.unwrap();
+    }
+    let rt = h.pipeline.runtime();
+    assert_eq!(rt.extension("bad").breaker.state(), BreakerState::Open);
+    let d = h.pipeline.decide(h.request("x")).await.unwrap();
+    let refused = &d.executed_extensions[2];
+    assert_eq!(refused.id, "bad");
+    assert_eq!(refused.error.as_deref(), Some("circuit breaker is open"));
+    assert_eq!(refused.version.as_deref(), Some("v1"));
 }

@@ -339,6 +339,142 @@ async fn json_payloads_are_limited_like_text() {
     assert!(e.message.contains("message.payload"), "{e}");
 }
 
+/// `[pipeline] max_reply_bytes` is the largest reply accepted: a reply of exactly
+/// that size is read, one byte more is refused.
+#[tokio::test]
+async fn a_reply_of_exactly_max_reply_bytes_is_accepted() {
+    let reply = json!({"payload": "answer"}).to_string();
+    let limit = reply.len();
+    let config = PipelineConfig {
+        invoker: beamline_pipeline::InvokerConfig {
+            max_reply_bytes: limit,
+            ..fast_invoker()
+        },
+        ..PipelineConfig::default()
+    };
+    for (name, body, ok) in [
+        ("exact", reply.clone(), true),
+        ("over", format!("{reply} "), false),
+    ] {
+        let h = Harness::custom(
+            json!([ext(name, "pre", 1000, 0)]),
+            json!({"providers": [{"name": "p"}], "pre": [{"id": name}]}),
+            BreakerConfig::default(),
+            Default::default(),
+            config.clone(),
+            &beamline_test_support::nats_url(),
+        )
+        .await;
+        let _s = serve_raw(&h.client, &h.subject(name), body.into_bytes()).await;
+        let r = h.pipeline.decide(h.request("x")).await;
+        if ok {
+            assert_eq!(r.unwrap().message.payload, "answer", "{name}");
+        } else {
+            let e = r.unwrap_err();
+            assert!(
+                e.message
+                    .contains(&format!("more than the limit of {limit}")),
+                "{name}: {e}"
+            );
+        }
+    }
+}
+
+/// Sticky selection spreads tenants by weight: with two providers of weight 1, each
+/// gets a share of 64 tenants (and each tenant always the same one).
+#[tokio::test]
+async fn sticky_spreads_tenants_across_providers_by_weight() {
+    let h = Harness::new(
+        json!([]),
+        json!({"providers": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}], "sticky": true}),
+    )
+    .await;
+    let mut per_provider = std::collections::BTreeMap::new();
+    for t in 0..64 {
+        let tenant = format!("tenant-{t}");
+        h.policy_for(&tenant).await;
+        let first = h
+            .pipeline
+            .decide(h.request_for(&tenant, "x"))
+            .await
+            .unwrap()
+            .provider_id;
+        let again = h
+            .pipeline
+            .decide(h.request_for(&tenant, "x"))
+            .await
+            .unwrap()
+            .provider_id;
+        assert_eq!(first, again, "{tenant} moved");
+        *per_provider.entry(first).or_insert(0) += 1;
+    }
+    let (a, b) = (
+        per_provider.get("a").copied().unwrap_or(0),
+        per_provider.get("b").copied().unwrap_or(0),
+    );
+    assert!(a >= 16 && b >= 16, "a {a}, b {b} of 64 tenants");
+}
+
+/// A validator step naming a missing or mistyped extension fails with that code
+/// (`extension_not_found`, `invalid_request`), not as a block by the validator.
+#[tokio::test]
+async fn a_missing_or_mistyped_validator_is_not_a_block() {
+    for (validator, code) in [
+        ("ghost", ErrorCode::ExtensionNotFound),
+        ("a_pre", ErrorCode::InvalidRequest),
+    ] {
+        let h = Harness::new(
+            json!([ext("a_pre", "pre", 1000, 0)]),
+            json!({"providers": [{"name": "p"}], "validators": [{"id": validator, "on_fail": "block"}]}),
+        )
+        .await;
+        let e = h.pipeline.decide(h.request("x")).await.unwrap_err();
+        assert_eq!(e.code, code, "{validator}: {e}");
+        assert_eq!(e.details["extension_id"], validator);
+    }
+}
+
+/// A fallback to the failing provider itself, with retries: the chain stops after
+/// 2 × providers + 3 failed calls and the request fails with decision_failed.
+#[tokio::test]
+async fn a_fallback_to_the_same_provider_stops_after_the_hop_limit() {
+    for (providers, calls) in [
+        (json!([{"name": "a", "extension": "pa"}]), 6),
+        (
+            json!([{"name": "a", "weight": 1, "extension": "pa"}, {"name": "b", "weight": 0}]),
+            8,
+        ),
+    ] {
+        let h = Harness::with(
+            json!([ext("pa", "provider", 1000, 0)]),
+            json!({"providers": providers,
+                   "fallbacks": [{"when": {"status": ["5xx"]}, "retry": 1, "to": "a"}]}),
+            BreakerConfig {
+                enabled: false,
+                ..BreakerConfig::default()
+            },
+            Default::default(),
+        )
+        .await;
+        let (_p, seen) = serve_recording(
+            &h.client,
+            &h.subject("pa"),
+            |_| json!({"error": {"code": "down", "message": "always"}}),
+        )
+        .await;
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            h.pipeline.decide(h.request("x")),
+        )
+        .await
+        .expect("the fallback chain ends")
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::DecisionFailed, "{e}");
+        assert_eq!(seen.lock().unwrap().len(), calls, "{providers}");
+        assert_eq!(e.executed_extensions.len(), calls);
+    }
+}
+
 #[tokio::test]
 async fn payload_refs_are_limited_like_payloads() {
     let limits = Limits {

@@ -218,4 +218,22 @@ mod tests {
             "fixtures/extensions/all.json: [2].versions[0].timeout_ms: 60000 is out of range (x)"
         );
     }
+
+    /// Field paths join with a dot, except before an index, and an empty part adds
+    /// nothing.
+    #[test]
+    fn field_paths_join_like_the_documents_read() {
+        assert_eq!(join_path("", "timeout_ms"), "timeout_ms");
+        assert_eq!(join_path("policy", ""), "policy");
+        assert_eq!(join_path("policy", "providers[0]"), "policy.providers[0]");
+        assert_eq!(join_path("[2].versions", "[0]"), "[2].versions[0]");
+        let row = Origin::Row {
+            table: "extensions",
+            key: "(id='x')".into(),
+        };
+        let q = Quarantined::at_field(Table::Extensions, "x", &row, "[3]", "bad item", None);
+        assert_eq!(q.error, "extensions[x][3]: bad item");
+        let q = Quarantined::at_field(Table::Extensions, "x", &row, "config", "bad", None);
+        assert_eq!(q.error, "extensions[x].config: bad");
+    }
 }

@@ -1,9 +1,10 @@
 //! Every SQL statement printed in the operations runbook runs unchanged against our
 //! schema and has the effect the runbook promises once the registry reloads.
 //!
-//! The statements below are copied verbatim from
-//! `docs/reference/EXTENSIONS_RUNBOOK.seed.md`; `every_runbook_statement_is_covered`
-//! re-reads that file so a statement added to the runbook cannot go untested.
+//! The statements below are copied verbatim from the seed runbook
+//! (`docs/reference/EXTENSIONS_RUNBOOK.seed.md`) and from our own `docs/RUNBOOK.md`;
+//! `every_runbook_statement_is_covered` and `every_docs_runbook_statement_is_covered`
+//! re-read those files, so a statement added to either runbook cannot go untested.
 
 mod common;
 
@@ -56,6 +57,32 @@ const SELECT_HEALTH: &str = "SELECT * FROM extension_health WHERE extension_id =
 const TEMPLATE_ONLY: &str =
     "INSERT INTO extension_versions (id, version, subject, ...) VALUES (...);";
 
+// docs/RUNBOOK.md's own statements (beyond the seed's, which it repeats).
+const ADD_SENTIMENT: &str = r#"INSERT INTO extensions (id, type, subject, timeout_ms, retry, config)
+VALUES ('sentiment', 'validator', 'acme.ext.validate.sentiment.v1', 200, 1, '{"threshold": 0.8}');"#;
+const ADD_SENTIMENT_INSTANCE: &str = r#"INSERT INTO extension_instances (extension_id, instance_id, subject, weight)
+VALUES ('sentiment', 'a', 'acme.ext.validate.sentiment.v1', 75);"#;
+const FIX_QUARANTINED_POLICY: &str = r#"UPDATE policies SET policy = '{"providers": [{"name": "openai"}, {"name": "anthropic"}]}'
+    WHERE tenant_id = 'acme' AND policy_id = 'default';"#;
+const DISABLE_V2: &str =
+    "UPDATE extension_versions SET enabled = FALSE WHERE id = 'normalize_text' AND version = 'v2';";
+const CHECK_PRIVILEGES: &str = "SELECT has_table_privilege('extensions', 'SELECT') AS read_extensions, has_table_privilege('extension_health', 'UPDATE') AS write_health;";
+const INSERT_V2_RUNNABLE: &str = r#"INSERT INTO extension_versions (id, version, subject, timeout_ms, retry, config, metadata, routing_rules)
+VALUES ('normalize_text', 'v2', 'beamline.ext.pre.normalize_text.v2', 150, 1,
+        '{"max_length": 2000}'::jsonb,
+        '{"description": "Normalize text v2 with improved handling"}'::jsonb,
+        '{"tenant_id": ["premium_tenant"]}'::jsonb);"#;
+
+/// docs/RUNBOOK.md's statements that the seed runbook does not have.
+const DOCS_ONLY: &[&str] = &[
+    ADD_SENTIMENT,
+    ADD_SENTIMENT_INSTANCE,
+    FIX_QUARANTINED_POLICY,
+    DISABLE_V2,
+    CHECK_PRIVILEGES,
+    INSERT_V2_RUNNABLE,
+];
+
 const ALL: &[&str] = &[
     DISABLE,
     ENABLE,
@@ -77,11 +104,18 @@ fn normalize(stmt: &str) -> String {
     stmt.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Statements of every ```sql block of the runbook, comment-only lines dropped.
+/// Statements of every ```sql block of the seed runbook.
 fn runbook_statements() -> Vec<String> {
+    statements_of("docs/reference/EXTENSIONS_RUNBOOK.seed.md")
+}
+
+/// Statements of every ```sql block of `doc` (relative to the repository root),
+/// comment-only lines dropped.
+fn statements_of(doc: &str) -> Vec<String> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../docs/reference/EXTENSIONS_RUNBOOK.seed.md");
-    let text = std::fs::read_to_string(&path).expect("runbook copy in docs/reference");
+        .join("../..")
+        .join(doc);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{doc}: {e}"));
     let mut out = Vec::new();
     let mut in_sql = false;
     let mut current = String::new();
@@ -124,6 +158,30 @@ fn every_runbook_statement_is_covered() {
         assert!(
             ours.contains(&stmt),
             "runbook statement not exercised verbatim: {stmt}"
+        );
+    }
+}
+
+#[test]
+fn every_docs_runbook_statement_is_covered() {
+    let ours: BTreeSet<String> = ALL.iter().chain(DOCS_ONLY).map(|s| normalize(s)).collect();
+    let found = statements_of("docs/RUNBOOK.md");
+    // 20 ```sql blocks when this was written; fewer parsed means the parser broke.
+    assert!(found.len() >= 25, "parsed only {} statements", found.len());
+    for stmt in &found {
+        if *stmt == normalize(TEMPLATE_ONLY) {
+            continue;
+        }
+        assert!(
+            ours.contains(stmt),
+            "docs/RUNBOOK.md statement not exercised verbatim: {stmt}"
+        );
+    }
+    // And each of DOCS_ONLY is still printed there (no stale copy).
+    for stmt in DOCS_ONLY {
+        assert!(
+            found.contains(&normalize(stmt)),
+            "no longer in docs/RUNBOOK.md: {stmt}"
         );
     }
 }
@@ -249,4 +307,114 @@ fn registry_lookup(
         .lookup(id)
         .unwrap_or_else(|| panic!("{id} not found"))
         .clone()
+}
+
+/// docs/RUNBOOK.md's own procedures, in order, against a real database: adding an
+/// extension and its instance, fixing a quarantined policy, the runnable v2 insert,
+/// stopping a version, and the permission check.
+#[tokio::test]
+async fn docs_runbook_procedures_against_postgres() {
+    let db = TestDatabase::create().await;
+    let pool = db.pool().await;
+    migrate(&pool).await;
+    seed_original(&pool).await;
+    // The quarantine example's bad policy: providers that are not objects.
+    sqlx::raw_sql(
+        r#"INSERT INTO policies (tenant_id, policy_id, policy) VALUES ('acme', 'default', '{"providers": ["openai", "anthropic"]}');"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let registry = start(db_config(db.url(), SourceMode::Database)).await;
+    let acme = |r: &beamline_registry::Registry| {
+        r.snapshot()
+            .policy("acme", "default")
+            .map(|p| p.tenant_id.clone())
+    };
+    // acme's own policy is quarantined: the default tenant's serves in its place.
+    assert_eq!(acme(&registry).as_deref(), Some("default"));
+    let quarantined = registry.status().quarantined;
+    assert_eq!(
+        quarantined
+            .iter()
+            .map(|q| (q.key.as_str(), q.field.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("acme/default", "policy.providers[0]")],
+        "the runbook's example"
+    );
+
+    // Extension instances, via database.
+    run(&pool, ADD_SENTIMENT).await;
+    run(&pool, ADD_SENTIMENT_INSTANCE).await;
+    registry.reload().await.unwrap();
+    let s = registry_lookup(&registry, "sentiment");
+    assert_eq!(
+        (
+            s.ext_type.as_str(),
+            s.subject.as_str(),
+            s.timeout_ms,
+            s.retry
+        ),
+        ("validator", "acme.ext.validate.sentiment.v1", 200, 1)
+    );
+    assert_eq!(s.config["threshold"], 0.8);
+    let instances = registry.snapshot().instances("sentiment").to_vec();
+    assert_eq!(instances.len(), 1);
+    assert_eq!(
+        (instances[0].instance_id.as_str(), instances[0].weight),
+        ("a", 75)
+    );
+
+    // Quarantine: the fix clears it and the policy serves.
+    run(&pool, FIX_QUARANTINED_POLICY).await;
+    registry.reload().await.unwrap();
+    assert_eq!(
+        acme(&registry).as_deref(),
+        Some("acme"),
+        "the fixed policy serves"
+    );
+    let policy = registry
+        .snapshot()
+        .policy("acme", "default")
+        .expect("the fixed policy serves")
+        .clone();
+    let names: Vec<&str> = policy
+        .document
+        .providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["openai", "anthropic"]);
+    assert!(registry.status().quarantined.is_empty());
+
+    // Quick reference: the runnable v2 insert, then stopping v2 by its own flag.
+    let premium = |r: &beamline_registry::Registry| {
+        r.snapshot()
+            .resolve("normalize_text", &[("tenant_id", "premium_tenant")])
+            .unwrap()
+            .version
+            .clone()
+    };
+    run(&pool, INSERT_V2_RUNNABLE).await;
+    registry.reload().await.unwrap();
+    assert_eq!(premium(&registry), "v2");
+    let affected = sqlx::raw_sql(DISABLE_V2)
+        .execute(&pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(affected, 1, "psql answers UPDATE 1");
+    registry.reload().await.unwrap();
+    assert_eq!(
+        premium(&registry),
+        "v1",
+        "a disabled version is never selected"
+    );
+
+    // Troubleshooting: the permission check answers true twice for the owner.
+    let (read, write): (bool, bool) = sqlx::query_as(CHECK_PRIVILEGES)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((read, write), (true, true));
 }

@@ -21,6 +21,17 @@ impl Handler for Slow {
     }
 }
 
+/// Slow, counting the calls it has received (so a test can wait until they are in
+/// flight).
+struct SlowCounted(Duration, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+impl Handler for SlowCounted {
+    async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.0).await;
+        Ok(Response::unchanged())
+    }
+}
+
 const CLUSTER_SEED: &str = r#"
 INSERT INTO extensions (id, type, subject, timeout_ms, retry) VALUES ('work', 'pre', 'cluster.work', 3000, 0);
 INSERT INTO extension_versions (id, version, subject, timeout_ms, retry, routing_rules)
@@ -51,10 +62,11 @@ fn request(tenant: &str) -> proto::RouteRequest {
 async fn sigterm_drains_in_flight_requests_and_persists_health() {
     let (db, pool, nats) = setup().await;
     let nc = async_nats::connect(nats.url()).await.unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let _ext = beamline_sdk::spawn(
         nc.clone(),
         "cluster.work",
-        Slow(Duration::from_millis(700)),
+        SlowCounted(Duration::from_millis(700), received.clone()),
         ServeOptions::default(),
     )
     .await
@@ -76,7 +88,20 @@ async fn sigterm_drains_in_flight_requests_and_persists_health() {
             nc.request("beamline.router.v1.decide", serde_json::to_vec(&body).unwrap().into()).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Every request is in flight: the extension has received all 30 calls (and
+    // answers each 700 ms later), so SIGTERM lands while they are being served.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.load(std::sync::atomic::Ordering::SeqCst) < 30 {
+        if Instant::now() > deadline {
+            panic!(
+                "only {} of 30 calls reached the extension in 20 s (finished: {} gRPC, {} intake)",
+                received.load(std::sync::atomic::Ordering::SeqCst),
+                grpc.iter().filter(|j| j.is_finished()).count(),
+                intake.iter().filter(|j| j.is_finished()).count(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let stopping = Instant::now();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(router.child.id() as i32, libc::SIGTERM) };
@@ -204,5 +229,57 @@ async fn three_routers_share_one_database_and_one_nats() {
     assert!(
         served.iter().all(|n| *n > 3),
         "every router took part: {served:?}"
+    );
+}
+
+/// `breaker reset` on one router closes the breaker of the other routers on the same
+/// database too (the reset is recorded in extension_health and announced by NOTIFY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_reset_reaches_the_other_routers() {
+    let (db, _pool, nats) = setup().await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let routers: Vec<Router> = dirs
+        .iter()
+        .map(|d| start(&write_config(d.path(), db.url(), &nats.url(), "")))
+        .collect();
+    let state = |r: &Router| {
+        r.json(Some(VIEWER_KEY), &["health", "get", "work"])["circuit_breaker_state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Nothing listens on cluster.work: five failed calls open each router's breaker.
+    for r in &routers {
+        wait_until(10, "listening", async || {
+            r.json(Some(VIEWER_KEY), &["registry", "status"])["listening"] == true
+        })
+        .await;
+        let mut c = RouterClient::connect(r.addr.clone()).await.unwrap();
+        for _ in 0..5 {
+            let e = c.decide(request("acme")).await.unwrap_err();
+            assert!(
+                e.message().starts_with("extension_unavailable"),
+                "{}",
+                e.message()
+            );
+        }
+        assert_eq!(state(r), "open");
+    }
+    let reset = routers[0].json(Some(OPERATOR_KEY), &["breaker", "reset", "work"]);
+    assert_eq!(reset["propagated"], true, "{reset}");
+    assert_eq!(state(&routers[0]), "closed");
+    // The other router's breaker would stay open for its 60 s open timeout; it closes
+    // long before that only if the reset reached it.
+    wait_until(15, "the reset reaches the second router", async || {
+        state(&routers[1]) == "closed"
+    })
+    .await;
+    assert!(
+        routers[1]
+            .log
+            .lock()
+            .unwrap()
+            .contains("circuit breaker reset by operator"),
+        "the second router logs the reset"
     );
 }

@@ -217,7 +217,7 @@ async fn demo_pipeline_over_grpc_and_nats() {
 async fn grpc_health_follows_readiness() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
-    let nats = NatsServer::start();
+    let mut nats = NatsServer::start();
     let router = start(&nats);
     let channel = tonic::transport::Channel::from_shared(router.grpc.clone())
         .unwrap()
@@ -225,19 +225,35 @@ async fn grpc_health_follows_readiness() {
         .await
         .unwrap();
     let mut health = HealthClient::new(channel);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await;
-        if let Ok(r) = r
-            && r.into_inner().status == ServingStatus::Serving as i32
-        {
-            break;
+    // Waits until the overall status is `want`; the statuses seen on the way.
+    async fn wait_for(
+        health: &mut HealthClient<tonic::transport::Channel>,
+        want: ServingStatus,
+    ) -> Vec<i32> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            if let Ok(r) = r {
+                let status = r.into_inner().status;
+                seen.push(status);
+                if status == want as i32 {
+                    return seen;
+                }
+            }
+            assert!(Instant::now() < deadline, "never {want:?}; saw {seen:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(Instant::now() < deadline, "never SERVING");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    wait_for(&mut health, ServingStatus::Serving).await;
+    // Readiness needs NATS: without it the router is NOT_SERVING…
+    nats.stop();
+    wait_for(&mut health, ServingStatus::NotServing).await;
+    // …and SERVING again once NATS is back.
+    nats.restart();
+    wait_for(&mut health, ServingStatus::Serving).await;
 }

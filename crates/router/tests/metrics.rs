@@ -152,7 +152,14 @@ async fn metrics_follow_what_happens() {
         let _ = t.await;
     }
     nc.flush().await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Wait until NATS has dropped the subscription: nobody answers any more.
+    wait_until(10, "normalize_text has no responders", async || {
+        matches!(
+            nc.request("beamline.ext.pre.normalize_text.v1", "{}".into()).await,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders
+        )
+    })
+    .await;
     for _ in 0..6 {
         let _ = client.decide(request("t1", "hello")).await;
     }
@@ -229,4 +236,128 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
             .map(|p| p.join(cmd))
             .find(|p| p.is_file())
     })
+}
+
+/// The failure counters move exactly when their event happens: an extension whose
+/// retries are all spent, a request over an extension's `max_payload_size`, and an
+/// instance picked by the load balancer.
+#[tokio::test]
+async fn failure_and_balancer_counters_increment() {
+    let db = migrated_database().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(
+        r#"
+INSERT INTO extensions (id, type, subject, timeout_ms, retry, metadata) VALUES
+ ('gone', 'pre', 'counters.gone', 200, 1, '{}'),
+ ('small', 'pre', 'counters.small', 1000, 0, '{"max_payload_size": 600}'),
+ ('pool', 'pre', 'counters.pool', 1000, 0, '{}');
+INSERT INTO extension_instances (extension_id, instance_id, subject, weight) VALUES
+ ('pool', 'p1', 'counters.pool.p1', 1),
+ ('pool', 'p2', 'counters.pool.p2', 1);
+INSERT INTO policies (tenant_id, policy_id, policy) VALUES
+ ('retry', 'default', '{"providers": [{"name": "p"}], "pre": [{"id": "gone", "mode": "optional"}]}'),
+ ('big', 'default', '{"providers": [{"name": "p"}], "pre": [{"id": "small", "mode": "optional"}]}'),
+ ('lb', 'default', '{"providers": [{"name": "p"}], "pre": [{"id": "pool"}]}');
+"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let nats = NatsServer::start();
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let mut exts = Vec::new();
+    for subject in ["counters.small", "counters.pool.p1", "counters.pool.p2"] {
+        exts.push(
+            beamline_sdk::spawn(
+                nc.clone(),
+                subject,
+                beamline_sdk::reference::NormalizeText,
+                beamline_sdk::ServeOptions::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    nc.flush().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start(&write_config(dir.path(), db.url(), &nats.url(), ""));
+    let mut client = RouterClient::connect(router.addr.clone()).await.unwrap();
+    let counter = |page: &str, name: &str, labels: &str| -> f64 {
+        series(page, name)
+            .iter()
+            .filter(|l| l.contains(labels))
+            .map(|l| value(l))
+            .sum()
+    };
+    let (_, before) = http_get(&router.http, "/metrics");
+    assert_eq!(
+        counter(
+            &before,
+            "router_extension_retry_limit_exceeded_total",
+            "extension_id=\"gone\""
+        ),
+        0.0
+    );
+
+    // gone: nobody listens, both attempts fail → one retry_limit_exceeded per call.
+    for _ in 0..3 {
+        client.decide(request("retry", "hello")).await.unwrap();
+    }
+    // small: a request over 600 bytes is refused before sending; a short one is not.
+    client.decide(request("big", "short")).await.unwrap();
+    client
+        .decide(request("big", &"x".repeat(800)))
+        .await
+        .unwrap();
+    // pool: every call picks an instance, alternating (equal weights).
+    for _ in 0..4 {
+        client.decide(request("lb", "hello")).await.unwrap();
+    }
+
+    let (_, page) = http_get(&router.http, "/metrics");
+    assert_eq!(
+        counter(
+            &page,
+            "router_extension_retry_limit_exceeded_total",
+            "extension_id=\"gone\""
+        ),
+        3.0,
+        "{}",
+        series(&page, "router_extension_retry_limit_exceeded_total").join("\n")
+    );
+    assert_eq!(
+        counter(
+            &page,
+            "router_extension_payload_too_large_total",
+            "extension_id=\"small\""
+        ),
+        1.0,
+        "{}",
+        series(&page, "router_extension_payload_too_large_total").join("\n")
+    );
+    assert_eq!(
+        counter(&page, "router_extension_payload_too_large_total", ""),
+        1.0,
+        "no other extension counted"
+    );
+    let lb = "router_extension_load_balancer_selection_total";
+    for inst in ["p1", "p2"] {
+        assert_eq!(
+            counter(
+                &page,
+                lb,
+                &format!("extension_id=\"pool\",instance_id=\"{inst}\"")
+            ),
+            2.0,
+            "{}",
+            series(&page, lb).join("\n")
+        );
+    }
+    assert_eq!(
+        counter(&page, lb, ""),
+        4.0,
+        "{}",
+        series(&page, lb).join("\n")
+    );
+    drop(exts);
 }

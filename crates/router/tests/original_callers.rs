@@ -383,3 +383,233 @@ async fn grpc_status_codes_in_both_modes() {
         drop(router);
     }
 }
+
+/// Test extensions for the status-code table.
+mod codes {
+    use beamline_sdk::{ExtensionError, ExtensionRequest, Handler, Response};
+    use std::time::Duration;
+
+    pub struct Unchanged;
+    impl Handler for Unchanged {
+        async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+            Ok(Response::unchanged())
+        }
+    }
+    pub struct Slow;
+    impl Handler for Slow {
+        async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Ok(Response::unchanged())
+        }
+    }
+    pub struct Fail;
+    impl Handler for Fail {
+        async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+            Err(ExtensionError::new("boom", "deliberate failure"))
+        }
+    }
+    pub struct Reject;
+    impl Handler for Reject {
+        async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
+            Ok(Response::reject("nope", serde_json::json!({})))
+        }
+    }
+}
+
+const CODES_SEED: &str = r#"
+INSERT INTO extensions (id, type, subject, timeout_ms, retry) VALUES
+ ('ok_pre', 'pre', 'codes.ok_pre', 2000, 0),
+ ('slow_pre', 'pre', 'codes.slow_pre', 100, 0),
+ ('gone_pre', 'pre', 'codes.gone_pre', 1000, 0),
+ ('fail_pre', 'pre', 'codes.fail_pre', 2000, 0),
+ ('fail_post', 'post', 'codes.fail_post', 2000, 0),
+ ('no_validator', 'validator', 'codes.no_validator', 2000, 0),
+ ('gone_prov', 'provider', 'codes.gone_prov', 1000, 0),
+ ('fail_prov', 'provider', 'codes.fail_prov', 2000, 0);
+INSERT INTO policies (tenant_id, policy_id, policy) VALUES
+ ('blocked', 'default', '{"providers": [{"name": "p"}], "validators": [{"id": "no_validator", "on_fail": "block"}]}'),
+ ('timeout', 'default', '{"providers": [{"name": "p"}], "pre": [{"id": "slow_pre"}]}'),
+ ('unavailable', 'default', '{"providers": [{"name": "p"}], "pre": [{"id": "gone_pre"}]}'),
+ ('ghost', 'default', '{"providers": [{"name": "p"}], "pre": [{"id": "ghost_pre"}]}'),
+ ('prefail', 'default', '{"providers": [{"name": "p"}], "pre": [{"id": "fail_pre"}]}'),
+ ('postfail', 'default', '{"providers": [{"name": "p"}], "post": [{"id": "fail_post"}]}'),
+ ('provgone', 'default', '{"providers": [{"name": "p", "extension": "gone_prov"}]}'),
+ ('provfail', 'default', '{"providers": [{"name": "p", "extension": "fail_prov"}]}'),
+ ('noprov', 'default', '{"providers": [{"name": "p", "weight": 0}]}'),
+ ('fine', 'default', '{"providers": [{"name": "p"}], "pre": [{"id": "ok_pre"}]}');
+"#;
+
+/// Every error code of docs/PIPELINE.md's table through the real binary, in both
+/// `[grpc] status_codes` modes: the status code, the message's leading code, and the
+/// `x-beamline-error-code` trailer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_code_gets_its_grpc_status_in_both_modes() {
+    use tonic::Code;
+    let db = migrated_database().await;
+    let pool = db.pool().await;
+    sqlx::raw_sql(CODES_SEED).execute(&pool).await.unwrap();
+    let nats = NatsServer::start();
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let opts = beamline_sdk::ServeOptions::default;
+    let _exts = [
+        beamline_sdk::spawn(nc.clone(), "codes.ok_pre", codes::Unchanged, opts()).await,
+        beamline_sdk::spawn(nc.clone(), "codes.slow_pre", codes::Slow, opts()).await,
+        beamline_sdk::spawn(nc.clone(), "codes.fail_pre", codes::Fail, opts()).await,
+        beamline_sdk::spawn(nc.clone(), "codes.fail_post", codes::Fail, opts()).await,
+        beamline_sdk::spawn(nc.clone(), "codes.no_validator", codes::Reject, opts()).await,
+        beamline_sdk::spawn(nc.clone(), "codes.fail_prov", codes::Fail, opts()).await,
+    ]
+    .map(Result::unwrap);
+    nc.flush().await.unwrap();
+
+    // (tenant, policy_id, context, error code, status in "grpc", status in "original")
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        Code,
+        Code,
+    );
+    let cases: &[Case] = &[
+        (
+            "",
+            "",
+            &[],
+            "invalid_request",
+            Code::InvalidArgument,
+            Code::InvalidArgument,
+        ),
+        (
+            "fine",
+            "nope",
+            &[],
+            "policy_not_found",
+            Code::NotFound,
+            Code::NotFound,
+        ),
+        (
+            "ghost",
+            "",
+            &[],
+            "extension_not_found",
+            Code::NotFound,
+            Code::NotFound,
+        ),
+        (
+            "blocked",
+            "",
+            &[],
+            "validator_blocked",
+            Code::FailedPrecondition,
+            Code::Internal,
+        ),
+        (
+            "timeout",
+            "",
+            &[],
+            "extension_timeout",
+            Code::DeadlineExceeded,
+            Code::Internal,
+        ),
+        (
+            "fine",
+            "",
+            &[("deadline", "1000")],
+            "deadline_exceeded",
+            Code::DeadlineExceeded,
+            Code::Internal,
+        ),
+        (
+            "unavailable",
+            "",
+            &[],
+            "extension_unavailable",
+            Code::Unavailable,
+            Code::Internal,
+        ),
+        (
+            "prefail",
+            "",
+            &[],
+            "pre_processor_failed",
+            Code::Internal,
+            Code::Internal,
+        ),
+        (
+            "postfail",
+            "",
+            &[],
+            "post_processor_failed",
+            Code::Internal,
+            Code::Internal,
+        ),
+        // decision_failed by cause: every provider out of reach, the provider
+        // answered an error, no weighted provider.
+        (
+            "provgone",
+            "",
+            &[],
+            "decision_failed",
+            Code::Unavailable,
+            Code::Internal,
+        ),
+        (
+            "provfail",
+            "",
+            &[],
+            "decision_failed",
+            Code::Internal,
+            Code::Internal,
+        ),
+        (
+            "noprov",
+            "",
+            &[],
+            "decision_failed",
+            Code::FailedPrecondition,
+            Code::Internal,
+        ),
+    ];
+    for (mode, grpc_keys) in [("grpc", ""), ("original", "status_codes = \"original\"")] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), db.url(), &nats.url(), "");
+        // write_config has a [grpc] table already: add the key to it.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replacen("[grpc]\n", &format!("[grpc]\n{grpc_keys}\n"), 1);
+        std::fs::write(&path, text).unwrap();
+        let router = start(&path);
+        let mut grpc = RouterClient::connect(router.addr.clone()).await.unwrap();
+        // The sanity case: the policy that works does.
+        grpc.decide(decide("fine", "x")).await.unwrap();
+        for &(tenant, policy_id, context, code, in_grpc, in_original) in cases {
+            let mut r = decide(tenant, "x");
+            r.policy_id = policy_id.into();
+            r.context = context
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let e = grpc.decide(r).await.unwrap_err();
+            let want = if mode == "grpc" { in_grpc } else { in_original };
+            assert_eq!(
+                e.code(),
+                want,
+                "{mode}: tenant {tenant:?} ({code}): {}",
+                e.message()
+            );
+            assert!(
+                e.message().starts_with(&format!("{code}: ")),
+                "{mode}: tenant {tenant:?}: {}",
+                e.message()
+            );
+            assert_eq!(
+                e.metadata()
+                    .get("x-beamline-error-code")
+                    .map(|v| v.to_str().unwrap()),
+                Some(code),
+                "{mode}: tenant {tenant:?}: the trailer"
+            );
+        }
+        drop(router);
+    }
+}

@@ -285,7 +285,13 @@ pub async fn serve_raw(
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             if let Some(reply) = msg.reply {
-                let _ = client.publish(reply, body.clone().into()).await;
+                // A reply the client refuses to send (over the server's max_payload)
+                // must fail the test, not leave the router waiting for a timeout.
+                client
+                    .publish(reply, body.clone().into())
+                    .await
+                    .expect("serve_raw: the reply could not be published");
+                client.flush().await.expect("serve_raw: flush");
             }
         }
     })
@@ -350,5 +356,77 @@ pub async fn wait_connected(client: &async_nats::Client) {
             "NATS did not connect within 10 s"
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until nobody answers on `subject` any more ("no responders"), so a test
+/// that stopped an extension knows NATS has dropped its subscription.
+pub async fn wait_no_responders(client: &async_nats::Client, subject: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let request = async_nats::Request::new()
+            .payload(bytes::Bytes::from_static(b"{}"))
+            .timeout(Some(std::time::Duration::from_secs(1)));
+        match client.send_request(subject.to_string(), request).await {
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => return,
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{subject} still has a responder after 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Records what the pipeline reports through its observer hooks.
+#[derive(Default)]
+pub struct Recorder {
+    pub payload_too_large: std::sync::Mutex<Vec<String>>,
+    pub retry_limit_exceeded: std::sync::Mutex<Vec<String>>,
+    pub instance_selected: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl beamline_pipeline::Observer for Recorder {
+    fn payload_too_large(&self, extension_id: &str) {
+        self.payload_too_large
+            .lock()
+            .unwrap()
+            .push(extension_id.to_string());
+    }
+    fn retry_limit_exceeded(&self, extension_id: &str) {
+        self.retry_limit_exceeded
+            .lock()
+            .unwrap()
+            .push(extension_id.to_string());
+    }
+    fn instance_selected(&self, extension_id: &str, instance_id: &str) {
+        self.instance_selected
+            .lock()
+            .unwrap()
+            .push((extension_id.to_string(), instance_id.to_string()));
+    }
+}
+
+impl Harness {
+    /// Puts `recorder` behind the pipeline's observer hooks (a fresh runtime: call it
+    /// before the first Decide).
+    pub fn observe(&mut self) -> Arc<Recorder> {
+        let recorder = Arc::new(Recorder::default());
+        self.pipeline = self.pipeline.clone().with_observer(recorder.clone());
+        recorder
+    }
+
+    /// Copies the acme policies to `tenant` and reloads, so `tenant` has the same
+    /// policy.
+    pub async fn policy_for(&self, tenant: &str) {
+        let to = self.dir.path().join("policies").join(tenant);
+        std::fs::create_dir_all(&to).unwrap();
+        std::fs::copy(
+            self.dir.path().join("policies/acme/default.json"),
+            to.join("default.json"),
+        )
+        .unwrap();
+        self.pipeline.registry().reload().await.unwrap();
     }
 }

@@ -7,7 +7,7 @@
 //! once its exporter is installed). Off, no span is created anywhere; a caller's
 //! `traceparent` is still passed through to extensions as it came.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The W3C header that carries trace id, parent span id and flags.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
@@ -186,9 +186,48 @@ pub fn set_spans_enabled(on: bool) {
     SPANS.store(on, Ordering::Relaxed);
 }
 
+/// `[tracing] sample_ratio`, as the bits of an f64.
+static SAMPLE_RATIO: AtomicU64 = AtomicU64::new(1.0f64.to_bits());
+
+/// The share of new traces kept (`[tracing] sample_ratio`).
+pub fn sample_ratio() -> f64 {
+    f64::from_bits(SAMPLE_RATIO.load(Ordering::Relaxed))
+}
+
+/// Sets [`sample_ratio`] for the whole process (the binary, with its exporter).
+pub fn set_sample_ratio(ratio: f64) {
+    SAMPLE_RATIO.store(ratio.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+}
+
+/// Whether a new trace with `trace_id` is kept at `ratio`: OpenTelemetry's
+/// `TraceIdRatioBased` decision (the trace id's low 63 bits against the ratio), so
+/// every service that samples by ratio keeps the same traces.
+pub fn ratio_samples(trace_id: u128, ratio: f64) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
+    ((trace_id as u64) >> 1) < bound
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratio_sampling_is_otels_decision_on_the_trace_id() {
+        let low = |n: u64| (0xabcdu128 << 64) | u128::from(n);
+        assert!(ratio_samples(low(u64::MAX), 1.0));
+        assert!(!ratio_samples(low(0), 0.0));
+        // Half: the low 64 bits shifted right once below 2^62.
+        assert!(ratio_samples(low((1u64 << 63) - 2), 0.5));
+        assert!(!ratio_samples(low(1u64 << 63), 0.5));
+        // About the ratio over many ids.
+        let kept = (0..10_000u64)
+            .filter(|i| ratio_samples(low(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)), 0.1))
+            .count();
+        assert!((800..1200).contains(&kept), "{kept}");
+    }
 
     const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

@@ -210,7 +210,7 @@ impl Invoker {
             h.insert(EXTENSION_ID, call.extension.id.as_str());
             h.insert(EXTENSION_VERSION, call.extension.version.as_str());
         }
-        crate::trace::inject(&mut h, &call.trace, span);
+        crate::trace::inject(&mut h, &call.trace, span, call.trace_id);
         (!h.is_empty()).then_some(h)
     }
 

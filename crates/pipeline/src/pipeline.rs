@@ -168,7 +168,9 @@ impl Pipeline {
         mut request: DecideRequest,
         incoming: Incoming,
     ) -> Result<Decision, DecideError> {
+        let mut incoming = incoming;
         let span = trace::decide_span(&mut request, &incoming);
+        incoming.recording = !span.is_none();
         let result = trace::within(&span, self.admit_and_run(request, incoming)).await;
         trace::decide_ended(&span, &result);
         result
@@ -207,7 +209,7 @@ impl Pipeline {
             .await?;
         self.validator_stage(state, &policy.validators).await?;
         state.check_deadline("provider")?;
-        let span = trace::provider_span();
+        let span = trace::provider_span(&state.trace);
         let selection = trace::within(&span, self.select_provider(state)).await;
         trace::provider_ended(&span, &selection, |s| (&s.provider_id, &s.reason));
         let mut selection = selection?;

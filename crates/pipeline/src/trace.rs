@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::{HeaderMap, HeaderName};
 use beamline_model::trace::{HEADER_TRACEPARENT, HEADER_TRACESTATE, parse_trace_id};
-pub use beamline_model::trace::{TraceParent, set_spans_enabled, spans_enabled};
+pub use beamline_model::trace::{
+    TraceParent, sample_ratio, set_sample_ratio, set_spans_enabled, spans_enabled,
+};
 use opentelemetry::trace::{
     SpanContext, SpanId, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
 };
@@ -59,6 +61,9 @@ pub struct Incoming {
     pub tracestate: Option<String>,
     /// Where the request came in: `grpc`, `nats` (a span attribute).
     pub intake: &'static str,
+    /// The request is traced (its Decide span exists): only then do its steps make
+    /// spans. Set by the pipeline.
+    pub recording: bool,
 }
 
 impl Incoming {
@@ -76,6 +81,7 @@ impl Incoming {
             parent,
             tracestate,
             intake,
+            recording: false,
         }
     }
 
@@ -133,6 +139,7 @@ static NO_CALLER: Incoming = Incoming {
     parent: None,
     tracestate: None,
     intake: "",
+    recording: false,
 };
 
 impl CallTrace<'static> {
@@ -175,6 +182,20 @@ pub(crate) fn decide_span(request: &mut DecideRequest, incoming: &Incoming) -> S
     }
     if request.message.trace_id.is_empty() {
         request.message.trace_id = crate::pipeline::new_trace_id();
+    }
+    // Sampled or not is decided here, once per request, so an unsampled request
+    // makes no span at all (only its `traceparent` travels on): a caller's sampled
+    // flag decides for its own requests; a new trace is kept at `sample_ratio`, by
+    // OpenTelemetry's ratio rule on its trace id.
+    let sampled = match &incoming.parent {
+        Some(p) => p.flags & 1 == 1,
+        None => match parse_trace_id(&request.message.trace_id) {
+            Some(id) => beamline_model::trace::ratio_samples(id, sample_ratio()),
+            None => rand::random::<f64>() < sample_ratio(),
+        },
+    };
+    if !sampled {
+        return Span::none();
     }
     let policy_id = if request.policy_id.is_empty() {
         "default"
@@ -238,9 +259,10 @@ pub(crate) async fn within<T>(span: &Span, fut: impl Future<Output = T>) -> T {
 // ---------------------------------------------------------------------------
 // Provider selection.
 
-/// The provider selection's span (a child of the Decide span).
-pub(crate) fn provider_span() -> Span {
-    if !spans_enabled() {
+/// The provider selection's span (a child of the Decide span) when the request is
+/// traced.
+pub(crate) fn provider_span(incoming: &Incoming) -> Span {
+    if !incoming.recording {
         return Span::none();
     }
     tracing::info_span!(
@@ -280,7 +302,7 @@ pub(crate) fn provider_ended<T>(
 
 /// The span of one attempt of an extension call (a child of the current span).
 pub(crate) fn attempt(call: &Call<'_>, attempt: u32) -> Span {
-    if !spans_enabled() {
+    if !call.trace.incoming.recording {
         return Span::none();
     }
     call_span(
@@ -338,7 +360,7 @@ pub(crate) fn ended<T>(
     call: &Call<'_>,
     attempts: u32,
 ) {
-    if !spans_enabled() {
+    if !call.trace.incoming.recording {
         return;
     }
     match outcome {
@@ -364,8 +386,14 @@ pub(crate) fn ended<T>(
 
 /// A step refused before its request was made (not found, wrong type, disabled,
 /// breaker open, bulkhead full, too large): one span with attempt 0.
-pub(crate) fn refused(ext_type: &str, id: &str, version: Option<&str>, e: &InvokeError) {
-    if !spans_enabled() {
+pub(crate) fn refused(
+    incoming: &Incoming,
+    ext_type: &str,
+    id: &str,
+    version: Option<&str>,
+    e: &InvokeError,
+) {
+    if !incoming.recording {
         return;
     }
     let breaker = if matches!(e, InvokeError::CircuitOpen) {
@@ -397,9 +425,9 @@ const TRACESTATE: HeaderName = HeaderName::from_static(HEADER_TRACESTATE);
 /// none) and the caller's `tracestate` into an extension request's headers. Without
 /// a span and without a caller's context, writes nothing.
 #[inline]
-pub(crate) fn inject(headers: &mut HeaderMap, call: &CallTrace<'_>, span: &Span) {
+pub(crate) fn inject(headers: &mut HeaderMap, call: &CallTrace<'_>, span: &Span, trace_id: &str) {
     let parent = if span.is_none() {
-        call.incoming.parent
+        call.incoming.parent.or_else(|| unsampled(trace_id))
     } else {
         own(span).or(call.incoming.parent)
     };
@@ -408,6 +436,20 @@ pub(crate) fn inject(headers: &mut HeaderMap, call: &CallTrace<'_>, span: &Span)
     if let Some(state) = &call.incoming.tracestate {
         headers.insert(TRACESTATE, state.as_str());
     }
+}
+
+/// For a request tracing left out by its ratio (no span, no caller's context): the
+/// request's trace with the sampled flag off, so an extension that traces makes the
+/// same decision instead of starting a trace of its own. Nothing with tracing off.
+fn unsampled(trace_id: &str) -> Option<TraceParent> {
+    if !spans_enabled() {
+        return None;
+    }
+    Some(TraceParent {
+        trace_id: parse_trace_id(trace_id)?,
+        parent_id: rand::random::<u64>().max(1),
+        flags: 0,
+    })
 }
 
 /// The span's own context as a `traceparent`.
@@ -565,19 +607,30 @@ mod tests {
     fn without_spans_only_a_callers_traceparent_is_passed_on() {
         set_spans_enabled(false);
         let mut h = HeaderMap::new();
-        inject(&mut h, &CallTrace::none(), &Span::none());
+        inject(
+            &mut h,
+            &CallTrace::none(),
+            &Span::none(),
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        );
         assert!(h.is_empty(), "nothing to pass on: no header");
         let incoming = Incoming {
             parent: TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
             tracestate: Some("rojo=1".into()),
             intake: "grpc",
+            recording: false,
         };
         let call = CallTrace {
             incoming: &incoming,
             instance: None,
             breaker: "closed",
         };
-        inject(&mut h, &call, &Span::none());
+        inject(
+            &mut h,
+            &call,
+            &Span::none(),
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+        );
         assert_eq!(
             h.get("traceparent").map(|v| v.as_str()),
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")

@@ -204,6 +204,9 @@ pub fn init(log: &LogConfig, config: &TracingConfig) -> Result<Option<Telemetry>
                 .with_default(LevelFilter::WARN),
         );
     if crate::logging::init_with(log, Some(Box::new(layer))) {
+        // The pipeline decides per request, by the same rule as the sampler below,
+        // so that an unsampled request makes no span at all.
+        trace::set_sample_ratio(config.sample_ratio);
         trace::set_spans_enabled(true);
         tracing::info!(
             endpoint = %beamline_model::secret::redact_url(&config.endpoint),

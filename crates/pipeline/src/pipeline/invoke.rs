@@ -76,7 +76,7 @@ impl Pipeline {
             provider,
         } = step;
         let fail = |e: InvokeError, version: Option<String>| {
-            crate::trace::refused(expected.as_str(), id, version.as_deref(), &e);
+            crate::trace::refused(&state.trace, expected.as_str(), id, version.as_deref(), &e);
             StepRun {
                 outcome: Err(e),
                 meta: StepMeta {
@@ -227,8 +227,9 @@ impl Pipeline {
             .as_ref()
             .err()
             .is_none_or(InvokeError::counts_against_extension);
-        // Per-version calls for the canary judge, for extensions that have versions.
-        let versioned = !entry.versions.is_empty();
+        // Per-version calls for the canary judge, while the extension has an active
+        // rollout (every router's judge loop keeps the flag).
+        let versioned = rt.watched();
         if counts {
             rt.health.record(end, stats.latency, success);
             if versioned {

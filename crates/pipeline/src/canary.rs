@@ -247,6 +247,7 @@ impl Judge {
             }
         }
         let active = self.active_extensions();
+        self.pipeline.runtime().watch_versions(&active);
         if let Err(e) = self.report(&pool, &db, &active).await {
             self.problem(e);
         }
@@ -353,7 +354,16 @@ impl Judge {
                 .config()
                 .connect_options()
                 .map_err(|e| e.to_string())?
-                .application_name(&format!("beamline-router canary judge {}", self.router_id));
+                .application_name(&format!("beamline-router canary judge {}", self.router_id))
+                // The lock lives as long as this session's backend: keepalives let the
+                // server see a judge that vanished (cable cut, VM paused) within about
+                // 25 s and end its backend, so another router can take the lock,
+                // instead of waiting for the OS default of two hours.
+                .options([
+                    ("tcp_keepalives_idle", "10"),
+                    ("tcp_keepalives_interval", "5"),
+                    ("tcp_keepalives_count", "3"),
+                ]);
             self.session = Some(
                 bounded(
                     "connecting the judge's session",

@@ -110,12 +110,21 @@ pub struct ExtensionRuntime {
     /// extension cannot pile up unbounded waiting calls (memory, NATS inboxes) at the
     /// expense of the others.
     pub in_flight: Arc<tokio::sync::Semaphore>,
-    /// Calls per version since the canary judge last took them; kept only for
-    /// extensions that have versions (a canary needs them), a few entries at most.
+    /// Calls per version since the canary judge last took them; kept only while the
+    /// extension has an active rollout ([`ExtensionRuntime::watched`]), a few
+    /// entries at most.
     versions: std::sync::Mutex<Vec<(Box<str>, VersionDeltas)>>,
+    /// The extension has an active canary rollout: its calls are counted per version
+    /// for the judge. Off otherwise, so a call pays one relaxed load, no lock.
+    watched: std::sync::atomic::AtomicBool,
 }
 
 impl ExtensionRuntime {
+    /// Whether calls are counted per version for the canary judge.
+    pub fn watched(&self) -> bool {
+        self.watched.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn with_version<R>(&self, version: &str, f: impl FnOnce(&mut VersionDeltas) -> R) -> R {
         let mut list = self.versions.lock().unwrap_or_else(|p| p.into_inner());
         let i = match list.iter().position(|(v, _)| &**v == version) {
@@ -241,7 +250,23 @@ impl RuntimeTable {
             balancer: SmoothWrr::new(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)),
             versions: std::sync::Mutex::new(Vec::new()),
+            watched: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Counts calls per version for exactly the extensions in `active` (those with
+    /// an active canary rollout), and for no other.
+    pub fn watch_versions(&self, active: &std::collections::HashSet<String>) {
+        use std::sync::atomic::Ordering;
+        for id in active {
+            self.extension(id).watched.store(true, Ordering::Relaxed);
+        }
+        for (id, rt) in self.extensions.entries() {
+            if !active.contains(&id) && rt.watched.swap(false, Ordering::Relaxed) {
+                // Nothing left to report for it.
+                let _ = rt.take_versions();
+            }
+        }
     }
 
     /// Every (extension, version, calls) recorded since the last take, for the
@@ -405,6 +430,24 @@ impl RuntimeTable {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn only_extensions_with_an_active_rollout_are_watched() {
+        let table = RuntimeTable::new(crate::BreakerConfig::default());
+        let a = table.extension("a");
+        let b = table.extension("b");
+        assert!(!a.watched() && !b.watched(), "nothing is watched at first");
+        let active: std::collections::HashSet<String> = ["a".to_string()].into();
+        table.watch_versions(&active);
+        assert!(a.watched() && !b.watched());
+        a.record_version("v2", Duration::from_millis(3), true);
+        table.watch_versions(&Default::default());
+        assert!(!a.watched());
+        assert!(
+            table.take_version_deltas().is_empty(),
+            "a rollout that ended leaves nothing to report"
+        );
+    }
 
     /// Threads racing to create the same keys end up sharing one value per key, and
     /// `make` runs once per key.

@@ -369,7 +369,13 @@ async fn a_healthy_candidate_is_promoted_through_every_step_and_becomes_the_base
         Some(VIEWER_KEY),
         &["ext", "canary", "status", "work", "--output", "table"],
     );
-    eprintln!("{}", String::from_utf8_lossy(&table.stdout));
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{table:?}");
+    assert!(
+        text.contains("state      promoted") && text.contains("candidate"),
+        "{text}"
+    );
+    eprintln!("{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -511,7 +517,10 @@ async fn failing_and_slow_candidates_are_rolled_back_and_v1_tenants_never_notice
         Some(VIEWER_KEY),
         &["ext", "canary", "status", "work", "--output", "table"],
     );
-    eprintln!("{}", String::from_utf8_lossy(&table.stdout));
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success(), "{table:?}");
+    assert!(text.contains("state      rolled_back"), "{text}");
+    eprintln!("{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,17 +1,19 @@
-//! Side-by-side pipeline benchmarks of DESIGN.md §8, each against a baseline measured
-//! in the same run on the same NATS and the same echo service:
+//! Side-by-side pipeline benchmarks, in-process (`Pipeline::decide` called directly;
+//! the caller's path through the intakes is `crates/router/benches/caller.rs`), each
+//! against a baseline measured in the same run on the same NATS and the same echo
+//! service:
 //!
 //! - P1: one extension step through Decide vs a raw async-nats request with the same
-//!   body, sequential, p50 and p99 (goal ≤ 1.10×).
+//!   body, sequential, p50 and p99.
 //! - P2: Decide throughput with 4 extension steps at concurrency 64 vs raw request
-//!   throughput ÷ 4 (goal ≥ 0.90×), measured in rotating windows together with raw
-//!   requests that carry the protocol's headers (what NATS charges for those) and
-//!   the zero-logic relay.
+//!   throughput ÷ 4, measured in rotating windows together with raw requests that
+//!   carry the four `Beamline-*` headers (what NATS charges for those; they are
+//!   opt-in, `[pipeline] extension_headers`) and the zero-logic relay.
 //!
 //! The second baseline of P1 and P2, the zero-logic relay, makes exactly the NATS
-//! hops of the pipeline (one request per step, in sequence, with the protocol's
-//! headers and the same body) and nothing else: the ratio to it is what the
-//! pipeline's own logic costs.
+//! hops of the pipeline (one request per step, in sequence, with the same body and,
+//! like the pipeline by default, no header) and nothing else: the ratio to it is what
+//! the pipeline's own logic costs.
 //! - P6: a call refused by an open breaker (goal ≤ 1 µs, no NATS message).
 //!
 //! `cargo bench -p beamline-pipeline --bench pipeline [-- --quick]`. Uses NATS at
@@ -67,8 +69,9 @@ fn protocol_headers(extension_id: &str) -> async_nats::HeaderMap {
 }
 
 /// The zero-logic relay: the NATS hops a Decide of `steps` steps makes — one request
-/// per step, in sequence, with the protocol's headers and the body the pipeline
-/// sends — and nothing else (no policy, no parsing, no bookkeeping).
+/// per step, in sequence, with the body the pipeline sends (and no header, as the
+/// pipeline sends none by default) — and nothing else (no policy, no parsing, no
+/// bookkeeping).
 async fn relay(
     client: &async_nats::Client,
     prefix: &str,
@@ -76,13 +79,8 @@ async fn relay(
     body: &bytes::Bytes,
 ) -> bool {
     for step in 1..=steps {
-        let id = format!("e{step}");
         if client
-            .request_with_headers(
-                format!("{prefix}.{id}"),
-                protocol_headers(&id),
-                body.clone(),
-            )
+            .request(format!("{prefix}.e{step}"), body.clone())
             .await
             .is_err()
         {
@@ -403,7 +401,7 @@ async fn run(quick: bool) {
     let r = p50.as_secs_f64() / r50.as_secs_f64();
     row(
         "P1",
-        "1-step Decide vs raw request, p50",
+        "in-process: 1-step Decide vs raw request, p50",
         us(p50),
         us(r50),
         r,
@@ -413,7 +411,7 @@ async fn run(quick: bool) {
     let r = p99.as_secs_f64() / r99.as_secs_f64();
     row(
         "P1",
-        "1-step Decide vs raw request, p99",
+        "in-process: 1-step Decide vs raw request, p99",
         us(p99),
         us(r99),
         r,
@@ -423,7 +421,7 @@ async fn run(quick: bool) {
     for (label, q) in [("p50", 0.5), ("p99", 0.99)] {
         let (ours, base) = (percentile(&piped, q), percentile(&relayed, q));
         println!(
-            "| P1 | 1-step Decide vs the zero-logic relay (the same hop with the protocol's headers, no logic), {label} | {} | {} | {:.3}× | (context) | |",
+            "| P1 | in-process: 1-step Decide vs the zero-logic relay (the same hop and body, no logic), {label} | {} | {} | {:.3}× | (context) | |",
             us(ours),
             us(base),
             ours.as_secs_f64() / base.as_secs_f64()
@@ -432,7 +430,7 @@ async fn run(quick: bool) {
     let r = pipe_tput / (raw_tput / 4.0);
     row(
         "P2",
-        "4-step Decide/s at c=64 vs raw req/s ÷ 4",
+        "in-process: 4-step Decide/s at c=64 vs raw req/s ÷ 4",
         format!("{pipe_tput:.0}/s"),
         format!("{:.0}/s", raw_tput / 4.0),
         r,
@@ -441,16 +439,16 @@ async fn run(quick: bool) {
     );
     let r = pipe_tput / relay_tput;
     println!(
-        "| P2 | the same vs the zero-logic relay (the pipeline's four hops per operation with the protocol's headers, no logic) | {pipe_tput:.0}/s | {relay_tput:.0}/s | {r:.3}× | (context) | |"
+        "| P2 | in-process: the same vs the zero-logic relay (the pipeline's four hops per operation, same bodies, no logic) | {pipe_tput:.0}/s | {relay_tput:.0}/s | {r:.3}× | (context) | |"
     );
     let r = pipe_tput / (headed_tput / 4.0);
     println!(
-        "| P2 | the same vs raw requests carrying the protocol's four headers ÷ 4 (what NATS itself charges for them: raw with headers is {:.3}× raw) | {pipe_tput:.0}/s | {:.0}/s | {r:.3}× | (context) | |",
+        "| P2 | in-process: the same vs raw requests carrying the four Beamline-* headers ÷ 4 (what NATS itself charges for them, now opt-in: raw with headers is {:.3}× raw) | {pipe_tput:.0}/s | {:.0}/s | {r:.3}× | (context) | |",
         headed_tput / raw_tput,
         headed_tput / 4.0,
     );
     println!(
-        "| P2 | ratio to raw per window round ({} rounds of {:.1} s a side), min / median / max | {:.3} / {:.3} / {:.3} | | | (context) | |",
+        "| P2 | in-process: ratio to raw per window round ({} rounds of {:.1} s a side), min / median / max | {:.3} / {:.3} / {:.3} | | | (context) | |",
         window_ratios.len(),
         window.as_secs_f64(),
         window_ratios.first().copied().unwrap_or(0.0),

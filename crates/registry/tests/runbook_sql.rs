@@ -73,8 +73,28 @@ VALUES ('normalize_text', 'v2', 'beamline.ext.pre.normalize_text.v2', 150, 1,
         '{"description": "Normalize text v2 with improved handling"}'::jsonb,
         '{"tenant_id": ["premium_tenant"]}'::jsonb);"#;
 
+// Progressive delivery: which tenants a 10 % step takes, who judges, the rollout's
+// history.
+const SHARE_TENANTS: &str = r#"SELECT tenant_id FROM (SELECT DISTINCT tenant_id FROM policies) t
+WHERE ('x' || left(encode(sha256(convert_to(tenant_id, 'UTF8')), 'hex'), 8))::bit(32)::bigint % 10000 < 10 * 100;"#;
+const JUDGE_LOCK: &str = r#"SELECT a.application_name, a.client_addr, a.backend_start
+FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+WHERE l.locktype = 'advisory' AND l.classid = 1650811245 AND l.objid = 1667329633;"#;
+// (Printed under the comments "The extension's rollouts, newest first" and "Every
+// move of the latest one", which the comparison leaves out.)
+const ROLLOUTS: &str = r#"SELECT id, candidate_version, baseline_version, state, current_step, steps, reason, judged_by
+FROM extension_rollouts WHERE extension_id = 'normalize_text' ORDER BY id DESC;"#;
+const ROLLOUT_HISTORY: &str = r#"SELECT at, action, from_state, to_state, step, actor, reason
+FROM extension_rollout_history
+WHERE rollout_id = (SELECT max(id) FROM extension_rollouts WHERE extension_id = 'normalize_text')
+ORDER BY id;"#;
+
 /// docs/RUNBOOK.md's statements that the seed runbook does not have.
 const DOCS_ONLY: &[&str] = &[
+    SHARE_TENANTS,
+    JUDGE_LOCK,
+    ROLLOUTS,
+    ROLLOUT_HISTORY,
     ADD_SENTIMENT,
     ADD_SENTIMENT_INSTANCE,
     FIX_QUARANTINED_POLICY,
@@ -410,6 +430,40 @@ async fn docs_runbook_procedures_against_postgres() {
         "v1",
         "a disabled version is never selected"
     );
+
+    // Progressive delivery's queries run as printed. The 10 % share of the tenants
+    // is a subset of them, the same subset each time (a stable hash); no judge holds
+    // the lock here, and no rollout exists yet.
+    let share = || async {
+        sqlx::query_scalar::<_, String>(SHARE_TENANTS)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let first = share().await;
+    assert_eq!(first, share().await);
+    let tenants: Vec<String> = sqlx::query_scalar("SELECT DISTINCT tenant_id FROM policies")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(first.iter().all(|t| tenants.contains(t)), "{first:?}");
+    assert!(
+        sqlx::raw_sql(JUDGE_LOCK)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nobody judges in this test"
+    );
+    for stmt in [ROLLOUTS, ROLLOUT_HISTORY] {
+        assert!(
+            sqlx::raw_sql(stmt)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
 
     // Troubleshooting: the permission check answers true twice for the owner.
     let (read, write): (bool, bool) = sqlx::query_as(CHECK_PRIVILEGES)

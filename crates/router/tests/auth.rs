@@ -74,7 +74,6 @@ const MATRIX: &[(Method, u8)] = &[
     (ListVersions, 0),
     (ValidateRegistry, 0),
     (DiffRegistry, 0),
-    (CanaryStatus, 0),
     (ReloadRegistry, 1),
     (SetRegistrySource, 1),
     (EnableExtension, 1),
@@ -84,6 +83,8 @@ const MATRIX: &[(Method, u8)] = &[
     (RollbackVersion, 1),
     (SetInstance, 1),
     (CanaryStart, 1),
+    // After the start: there is a rollout to show.
+    (CanaryStatus, 0),
     (CanaryPause, 1),
     (CanaryResume, 1),
     (CanaryAbort, 1),
@@ -113,6 +114,10 @@ async fn call(
 ) -> Result<(), tonic::Status> {
     let id = || proto::ExtensionIdRequest {
         id: "pii_guard".into(),
+    };
+    // Canary rollouts need an extension without instances (mask_pii).
+    let canary = || proto::ExtensionIdRequest {
+        id: "mask_pii".into(),
     };
     match m {
         UpsertPolicy => c
@@ -303,7 +308,7 @@ async fn call(
         CanaryStart => c
             .canary_start(req(
                 proto::CanaryStartRequest {
-                    id: "pii_guard".into(),
+                    id: "mask_pii".into(),
                     version: "v2".into(),
                     steps: "5,25,100".into(),
                     ..Default::default()
@@ -312,10 +317,10 @@ async fn call(
             ))
             .await
             .map(|_| ()),
-        CanaryStatus => c.canary_status(req(id(), h)).await.map(|_| ()),
-        CanaryPause => c.canary_pause(req(id(), h)).await.map(|_| ()),
-        CanaryResume => c.canary_resume(req(id(), h)).await.map(|_| ()),
-        CanaryAbort => c.canary_abort(req(id(), h)).await.map(|_| ()),
+        CanaryStatus => c.canary_status(req(canary(), h)).await.map(|_| ()),
+        CanaryPause => c.canary_pause(req(canary(), h)).await.map(|_| ()),
+        CanaryResume => c.canary_resume(req(canary(), h)).await.map(|_| ()),
+        CanaryAbort => c.canary_abort(req(canary(), h)).await.map(|_| ()),
     }
 }
 
@@ -327,7 +332,8 @@ async fn every_role_against_every_method() {
     // What rollout, rollback and instance set work on (add and remove make their own).
     sqlx::raw_sql(
         "INSERT INTO extension_versions (id, version, subject, timeout_ms, retry) VALUES ('pii_guard', 'v3', 'beamline.ext.validate.pii_guard.v3', 200, 0);
-         INSERT INTO extension_instances (extension_id, instance_id, subject, weight) VALUES ('pii_guard', 'pii-c', 'beamline.ext.validate.pii_guard.v1', 10);",
+         INSERT INTO extension_instances (extension_id, instance_id, subject, weight) VALUES ('pii_guard', 'pii-c', 'beamline.ext.validate.pii_guard.v1', 10);
+         INSERT INTO extension_versions (id, version, subject, timeout_ms, retry, routing_rules) VALUES ('mask_pii', 'v2', 'beamline.ext.post.mask_pii.v2', 150, 0, '{\"tenant_id\": []}');",
     )
     .execute(&pool)
     .await
@@ -345,6 +351,11 @@ async fn every_role_against_every_method() {
         let repeat = match m {
             AddExtension | AddVersion | AddInstance => Some(Code::AlreadyExists),
             RemoveExtension | RemoveVersion | RemoveInstance | DeletePolicy => Some(Code::NotFound),
+            // A second start while one is active; pausing a paused rollout, resuming a
+            // running one; aborting when none is active any more.
+            CanaryStart => Some(Code::AlreadyExists),
+            CanaryPause | CanaryResume => Some(Code::FailedPrecondition),
+            CanaryAbort => Some(Code::NotFound),
             _ => None,
         };
         let mut allowed_calls = 0;

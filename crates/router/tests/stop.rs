@@ -184,7 +184,10 @@ fn signal(router: &Router, sig: i32) {
 fn wait_exit(router: &mut Router, since: Instant) -> (std::process::ExitStatus, Duration) {
     loop {
         if let Some(s) = router.child.try_wait().unwrap() {
-            return (s, since.elapsed());
+            let took = since.elapsed();
+            // Its last lines may still be on their way to the test's reader.
+            router.wait_log_ended();
+            return (s, took);
         }
         assert!(
             since.elapsed() < STOP_BOUND + SLACK,

@@ -38,6 +38,8 @@ pub struct Router {
     /// Base URL of /metrics, /healthz, /readyz.
     pub http: String,
     pub log: Arc<Mutex<String>>,
+    /// Set when the process's stderr has ended (every line is in `log`).
+    pub log_ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Router {
@@ -132,15 +134,17 @@ pub fn start_command(mut command: Command) -> Router {
         .expect("spawn");
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(String::new()));
+    let log_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     {
-        let log = log.clone();
+        let (log, ended) = (log.clone(), log_ended.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 log.lock().unwrap().push_str(&line);
                 log.lock().unwrap().push('\n');
                 let _ = tx.send(line);
             }
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
         });
     }
     let mut router = Router {
@@ -148,6 +152,7 @@ pub fn start_command(mut command: Command) -> Router {
         addr: String::new(),
         http: String::new(),
         log,
+        log_ended,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -205,10 +210,21 @@ impl Router {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
+                self.wait_log_ended();
                 return s;
             }
             assert!(Instant::now() < deadline, "router did not stop");
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// After the process exited: waits (up to 10 s) until the reader has taken every
+    /// line of its stderr, so `log` holds the whole log.
+    pub fn wait_log_ended(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log_ended.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the router's stderr did not end");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

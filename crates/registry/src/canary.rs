@@ -23,8 +23,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
 
+use crate::database::VersionRow;
 use crate::error::{Origin, RegistryError};
-use crate::writes::no_traffic;
+use crate::writes::{audit, no_traffic};
 
 /// The advisory lock (`pg_try_advisory_lock(bigint)`) whose holder is the one judge.
 /// "beamcana" in ASCII; `pg_locks` shows it as classid 1650811245, objid 1667329633.
@@ -238,30 +239,6 @@ fn db_err(database: &str) -> impl Fn(sqlx::Error) -> RegistryError + '_ {
     move |e| RegistryError::from_sqlx(database, e)
 }
 
-async fn audit(
-    conn: &mut PgConnection,
-    database: &str,
-    extension_id: &str,
-    action: &str,
-    old: &Value,
-    new: &Value,
-    by: &str,
-) -> Result<(), RegistryError> {
-    sqlx::query(
-        "INSERT INTO extension_audit_log (extension_id, action, old_values, new_values, changed_by) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(extension_id)
-    .bind(action)
-    .bind(old)
-    .bind(new)
-    .bind(by)
-    .execute(conn)
-    .await
-    .map(|_| ())
-    .map_err(db_err(database))
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn history(
     conn: &mut PgConnection,
@@ -426,19 +403,6 @@ fn base_json(r: &BaseRow) -> Value {
            "enabled": r.5, "version": r.6, "config": r.7, "metadata": r.8})
 }
 
-type VersionRow = (
-    String,
-    String,
-    String,
-    i32,
-    i32,
-    Value,
-    Value,
-    Value,
-    bool,
-    Option<DateTime<Utc>>,
-);
-
 async fn versions_of(
     conn: &mut PgConnection,
     database: &str,
@@ -555,6 +519,88 @@ async fn update_row(
     )
     .await?;
     Ok(after)
+}
+
+/// One move of a rollout, by the judge or an operator.
+struct MoveRecord<'a> {
+    action: &'static str,
+    to: RolloutState,
+    step: usize,
+    /// The candidate's routing_rules this move wrote, if it wrote any.
+    rules: Option<&'a Value>,
+    /// What the judge measured, for a move it made on them.
+    measured: Option<&'a Value>,
+    reason: String,
+    /// The move starts a step: the step's clock restarts.
+    restart_step: bool,
+    baseline_reference: Option<&'a WindowStats>,
+    /// The judge that made the move; an operator's move leaves `judged_by` as it is.
+    judged_by: Option<&'a str>,
+}
+
+impl<'a> MoveRecord<'a> {
+    fn new(action: &'static str, to: RolloutState, step: usize, reason: String) -> Self {
+        MoveRecord {
+            action,
+            to,
+            step,
+            rules: None,
+            measured: None,
+            reason,
+            restart_step: false,
+            baseline_reference: None,
+            judged_by: None,
+        }
+    }
+}
+
+/// Records a move: its history row, then the rollout row changed to match (audited).
+/// Returns the row after the move and the move as the judge reports it.
+async fn record_move(
+    conn: &mut PgConnection,
+    database: &str,
+    r: &Rollout,
+    m: MoveRecord<'_>,
+    by: &str,
+) -> Result<(Rollout, Move), RegistryError> {
+    history(
+        conn,
+        database,
+        r,
+        m.action,
+        Some(r.state),
+        m.to,
+        m.step,
+        m.rules,
+        m.measured,
+        Some(&m.reason),
+        by,
+    )
+    .await?;
+    let after = update_row(
+        conn,
+        database,
+        r,
+        RowChange {
+            state: Some(m.to),
+            step: Some(m.step),
+            restart_step: m.restart_step,
+            written_rules: m.rules,
+            baseline_reference: m.baseline_reference,
+            reason: Some(&m.reason),
+            judged_by: m.judged_by,
+        },
+        by,
+    )
+    .await?;
+    let moved = Move {
+        action: m.action,
+        from: r.state,
+        to: m.to,
+        step: m.step,
+        reason: Some(m.reason),
+    };
+    Ok((after, moved))
 }
 
 /// Starts a rollout (state pending: the judge writes its first step at its next
@@ -778,32 +824,8 @@ pub async fn operator_move(
                 )));
             }
             let reason = format!("paused by {by}");
-            history(
-                &mut tx,
-                database,
-                &r,
-                "paused",
-                Some(r.state),
-                RolloutState::Paused,
-                r.current_step,
-                None,
-                None,
-                Some(&reason),
-                by,
-            )
-            .await?;
-            update_row(
-                &mut tx,
-                database,
-                &r,
-                RowChange {
-                    state: Some(RolloutState::Paused),
-                    reason: Some(&reason),
-                    ..Default::default()
-                },
-                by,
-            )
-            .await?
+            let m = MoveRecord::new("paused", RolloutState::Paused, r.current_step, reason);
+            record_move(&mut tx, database, &r, m, by).await?.0
         }
         OperatorMove::Resume => {
             if r.state != RolloutState::Paused {
@@ -822,34 +844,12 @@ pub async fn operator_move(
             let rules = step.routing_rules();
             write_rules(&mut tx, database, candidate, &rules, by).await?;
             let reason = format!("resumed by {by} at step {} ({step})", r.current_step + 1);
-            history(
-                &mut tx,
-                database,
-                &r,
-                "resumed",
-                Some(r.state),
-                RolloutState::Running,
-                r.current_step,
-                Some(&rules),
-                None,
-                Some(&reason),
-                by,
-            )
-            .await?;
-            update_row(
-                &mut tx,
-                database,
-                &r,
-                RowChange {
-                    state: Some(RolloutState::Running),
-                    restart_step: true,
-                    written_rules: Some(&rules),
-                    reason: Some(&reason),
-                    ..Default::default()
-                },
-                by,
-            )
-            .await?
+            let m = MoveRecord {
+                rules: Some(&rules),
+                restart_step: true,
+                ..MoveRecord::new("resumed", RolloutState::Running, r.current_step, reason)
+            };
+            record_move(&mut tx, database, &r, m, by).await?.0
         }
         OperatorMove::Abort => {
             let rules = no_traffic();
@@ -857,33 +857,11 @@ pub async fn operator_move(
                 write_rules(&mut tx, database, candidate, &rules, by).await?;
             }
             let reason = format!("aborted by {by}");
-            history(
-                &mut tx,
-                database,
-                &r,
-                "aborted",
-                Some(r.state),
-                RolloutState::Aborted,
-                r.current_step,
-                Some(&rules),
-                None,
-                Some(&reason),
-                by,
-            )
-            .await?;
-            update_row(
-                &mut tx,
-                database,
-                &r,
-                RowChange {
-                    state: Some(RolloutState::Aborted),
-                    written_rules: Some(&rules),
-                    reason: Some(&reason),
-                    ..Default::default()
-                },
-                by,
-            )
-            .await?
+            let m = MoveRecord {
+                rules: Some(&rules),
+                ..MoveRecord::new("aborted", RolloutState::Aborted, r.current_step, reason)
+            };
+            record_move(&mut tx, database, &r, m, by).await?.0
         }
     };
     tx.commit().await.map_err(&err)?;
@@ -912,32 +890,8 @@ pub(crate) async fn pause_for_manual_routing(
         return Ok(None);
     };
     let reason = format!("paused: {what} by {by} (a manual routing change)");
-    history(
-        conn,
-        database,
-        &r,
-        "paused",
-        Some(r.state),
-        RolloutState::Paused,
-        r.current_step,
-        None,
-        None,
-        Some(&reason),
-        by,
-    )
-    .await?;
-    update_row(
-        conn,
-        database,
-        &r,
-        RowChange {
-            state: Some(RolloutState::Paused),
-            reason: Some(&reason),
-            ..Default::default()
-        },
-        by,
-    )
-    .await?;
+    let m = MoveRecord::new("paused", RolloutState::Paused, r.current_step, reason);
+    record_move(conn, database, &r, m, by).await?;
     Ok(Some(r.id))
 }
 
@@ -1190,84 +1144,29 @@ pub async fn judge(
             if let Some(v) = versions.iter().find(|v| v.1 == r.candidate_version) {
                 write_rules(&mut tx, database, v, &rules, actor).await?;
             }
-            history(
-                &mut tx,
-                database,
-                &r,
-                "aborted",
-                Some(r.state),
-                RolloutState::Aborted,
-                r.current_step,
-                Some(&rules),
-                None,
-                Some(&reason),
-                actor,
-            )
-            .await?;
-            moved = Some(Move {
-                action: "aborted",
-                from: r.state,
-                to: RolloutState::Aborted,
-                step: r.current_step,
-                reason: Some(reason.clone()),
-            });
-            update_row(
-                &mut tx,
-                database,
-                &r,
-                RowChange {
-                    state: Some(RolloutState::Aborted),
-                    written_rules: Some(&rules),
-                    reason: Some(&reason),
-                    judged_by: Some(actor),
-                    ..Default::default()
-                },
-                actor,
-            )
-            .await?
+            let m = MoveRecord {
+                rules: Some(&rules),
+                judged_by: Some(actor),
+                ..MoveRecord::new("aborted", RolloutState::Aborted, r.current_step, reason)
+            };
+            let (after, m) = record_move(&mut tx, database, &r, m, actor).await?;
+            moved = Some(m);
+            after
         }
         (RolloutState::Pending, Some(cand)) => {
             let step = r.plan.steps[0].clone();
             let rules = step.routing_rules();
             write_rules(&mut tx, database, &cand, &rules, actor).await?;
             let reason = format!("step 1 of {}: {step}", r.plan.steps.len());
-            history(
-                &mut tx,
-                database,
-                &r,
-                "started",
-                Some(r.state),
-                RolloutState::Running,
-                0,
-                Some(&rules),
-                None,
-                Some(&reason),
-                actor,
-            )
-            .await?;
-            moved = Some(Move {
-                action: "started",
-                from: r.state,
-                to: RolloutState::Running,
-                step: 0,
-                reason: Some(reason.clone()),
-            });
-            update_row(
-                &mut tx,
-                database,
-                &r,
-                RowChange {
-                    state: Some(RolloutState::Running),
-                    step: Some(0),
-                    restart_step: true,
-                    written_rules: Some(&rules),
-                    reason: Some(&reason),
-                    judged_by: Some(actor),
-                    ..Default::default()
-                },
-                actor,
-            )
-            .await?
+            let m = MoveRecord {
+                rules: Some(&rules),
+                restart_step: true,
+                judged_by: Some(actor),
+                ..MoveRecord::new("started", RolloutState::Running, 0, reason)
+            };
+            let (after, m) = record_move(&mut tx, database, &r, m, actor).await?;
+            moved = Some(m);
+            after
         }
         (_, Some(cand)) => {
             if r.written_rules.as_ref() != Some(&cand.7) {
@@ -1277,40 +1176,13 @@ pub async fn judge(
                     cand.7,
                     r.written_rules.clone().unwrap_or(Value::Null)
                 );
-                history(
-                    &mut tx,
-                    database,
-                    &r,
-                    "paused",
-                    Some(r.state),
-                    RolloutState::Paused,
-                    r.current_step,
-                    None,
-                    None,
-                    Some(&reason),
-                    actor,
-                )
-                .await?;
-                moved = Some(Move {
-                    action: "paused",
-                    from: r.state,
-                    to: RolloutState::Paused,
-                    step: r.current_step,
-                    reason: Some(reason.clone()),
-                });
-                update_row(
-                    &mut tx,
-                    database,
-                    &r,
-                    RowChange {
-                        state: Some(RolloutState::Paused),
-                        reason: Some(&reason),
-                        judged_by: Some(actor),
-                        ..Default::default()
-                    },
-                    actor,
-                )
-                .await?
+                let m = MoveRecord {
+                    judged_by: Some(actor),
+                    ..MoveRecord::new("paused", RolloutState::Paused, r.current_step, reason)
+                };
+                let (after, m) = record_move(&mut tx, database, &r, m, actor).await?;
+                moved = Some(m);
+                after
             } else {
                 let m = measure(&mut tx, database, &r).await?;
                 let j = canary::evaluate(&r.plan, r.current_step, &m.measurement);
@@ -1333,47 +1205,19 @@ pub async fn judge(
                         let rules = step.routing_rules();
                         write_rules(&mut tx, database, &cand, &rules, actor).await?;
                         let reason = format!("step {} of {}: {step}", next + 1, r.plan.steps.len());
-                        history(
-                            &mut tx,
-                            database,
-                            &r,
-                            "advanced",
-                            Some(r.state),
-                            RolloutState::Running,
-                            next,
-                            Some(&rules),
-                            Some(&measured),
-                            Some(&reason),
-                            actor,
-                        )
-                        .await?;
-                        moved = Some(Move {
-                            action: "advanced",
-                            from: r.state,
-                            to: RolloutState::Running,
-                            step: next,
-                            reason: Some(reason.clone()),
-                        });
                         let reference = (m.baseline_window.calls >= r.plan.min_calls_per_step)
                             .then_some(&m.baseline_window);
-                        Some(
-                            update_row(
-                                &mut tx,
-                                database,
-                                &r,
-                                RowChange {
-                                    step: Some(next),
-                                    restart_step: true,
-                                    written_rules: Some(&rules),
-                                    baseline_reference: reference,
-                                    reason: Some(&reason),
-                                    judged_by: Some(actor),
-                                    ..Default::default()
-                                },
-                                actor,
-                            )
-                            .await?,
-                        )
+                        let mv = MoveRecord {
+                            rules: Some(&rules),
+                            measured: Some(&measured),
+                            restart_step: true,
+                            baseline_reference: reference,
+                            judged_by: Some(actor),
+                            ..MoveRecord::new("advanced", RolloutState::Running, next, reason)
+                        };
+                        let (after, mv) = record_move(&mut tx, database, &r, mv, actor).await?;
+                        moved = Some(mv);
+                        Some(after)
                     }
                     Decision::Promote => {
                         let reason = format!(
@@ -1381,85 +1225,40 @@ pub async fn judge(
                             r.candidate_version
                         );
                         promote(&mut tx, database, &r, &cand, actor, limits).await?;
-                        history(
-                            &mut tx,
-                            database,
-                            &r,
-                            "promoted",
-                            Some(r.state),
-                            RolloutState::Promoted,
-                            r.current_step,
-                            Some(&json!({})),
-                            Some(&measured),
-                            Some(&reason),
-                            actor,
-                        )
-                        .await?;
-                        moved = Some(Move {
-                            action: "promoted",
-                            from: r.state,
-                            to: RolloutState::Promoted,
-                            step: r.current_step,
-                            reason: Some(reason.clone()),
-                        });
-                        Some(
-                            update_row(
-                                &mut tx,
-                                database,
-                                &r,
-                                RowChange {
-                                    state: Some(RolloutState::Promoted),
-                                    written_rules: Some(&json!({})),
-                                    reason: Some(&reason),
-                                    judged_by: Some(actor),
-                                    ..Default::default()
-                                },
-                                actor,
+                        let all = json!({});
+                        let mv = MoveRecord {
+                            rules: Some(&all),
+                            measured: Some(&measured),
+                            judged_by: Some(actor),
+                            ..MoveRecord::new(
+                                "promoted",
+                                RolloutState::Promoted,
+                                r.current_step,
+                                reason,
                             )
-                            .await?,
-                        )
+                        };
+                        let (after, mv) = record_move(&mut tx, database, &r, mv, actor).await?;
+                        moved = Some(mv);
+                        Some(after)
                     }
                     Decision::RollBack(why) => {
                         let rules = no_traffic();
                         write_rules(&mut tx, database, &cand, &rules, actor).await?;
                         let reason = format!("rolled back at step {}: {why}", r.current_step + 1);
-                        history(
-                            &mut tx,
-                            database,
-                            &r,
-                            "rolled_back",
-                            Some(r.state),
-                            RolloutState::RolledBack,
-                            r.current_step,
-                            Some(&rules),
-                            Some(&measured),
-                            Some(&reason),
-                            actor,
-                        )
-                        .await?;
-                        moved = Some(Move {
-                            action: "rolled_back",
-                            from: r.state,
-                            to: RolloutState::RolledBack,
-                            step: r.current_step,
-                            reason: Some(reason.clone()),
-                        });
-                        Some(
-                            update_row(
-                                &mut tx,
-                                database,
-                                &r,
-                                RowChange {
-                                    state: Some(RolloutState::RolledBack),
-                                    written_rules: Some(&rules),
-                                    reason: Some(&reason),
-                                    judged_by: Some(actor),
-                                    ..Default::default()
-                                },
-                                actor,
+                        let mv = MoveRecord {
+                            rules: Some(&rules),
+                            measured: Some(&measured),
+                            judged_by: Some(actor),
+                            ..MoveRecord::new(
+                                "rolled_back",
+                                RolloutState::RolledBack,
+                                r.current_step,
+                                reason,
                             )
-                            .await?,
-                        )
+                        };
+                        let (after, mv) = record_move(&mut tx, database, &r, mv, actor).await?;
+                        moved = Some(mv);
+                        Some(after)
                     }
                 };
                 judgement = Some(j);

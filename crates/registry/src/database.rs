@@ -80,7 +80,8 @@ pub async fn test_connection(pool: &PgPool, database: &str) -> Result<(), Regist
 }
 
 type ExtensionRow = (String, String, String, i32, i32, bool, String, Value, Value);
-type VersionRow = (
+/// A row of `extension_versions` as the registry reads it.
+pub(crate) type VersionRow = (
     String,
     String,
     String,

@@ -125,7 +125,7 @@ pub async fn update_extension(
     Ok(outcome)
 }
 
-async fn audit(
+pub(crate) async fn audit(
     tx: &mut sqlx::PgConnection,
     database: &str,
     subject: &str,

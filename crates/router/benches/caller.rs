@@ -21,6 +21,8 @@
 //!
 //! `cargo bench -p beamline-router --bench caller [-- --quick]`.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -229,64 +231,6 @@ impl Drop for Proc {
     }
 }
 
-/// The router binary with fixtures for the bench; its gRPC address.
-fn start_router(dir: &Path, nats: &str, extra: &str) -> (Proc, String) {
-    write_fixtures(dir);
-    let ext_dir = dir.join("extensions");
-    let config = dir.join("router.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[extension_registry]
-source = "fixtures"
-fixtures_dir = "{}"
-policies_dir = "{}"
-
-[nats]
-url = "{nats}"
-
-[grpc]
-listen = "127.0.0.1:0"
-
-[http]
-listen = "127.0.0.1:0"
-
-[log]
-format = "json"
-{extra}
-"#,
-            ext_dir.display(),
-            dir.join("policies").display()
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_beamline-router"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the router");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            if line.contains("beamline-router started") {
-                let _ = tx.send(line.clone());
-            } else if line.contains("\"ERROR\"") {
-                eprintln!("router: {line}");
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the router started");
-    let v: Value = serde_json::from_str(&line).expect("start line is JSON");
-    let addr = format!("http://{}", v["grpc"].as_str().expect("grpc address"));
-    (Proc(child), addr)
-}
-
 // ---------------------------------------------------------------------------
 // The caller.
 
@@ -487,7 +431,8 @@ async fn allocations_per_decide(nats: &str, n: u64) -> (f64, f64) {
 }
 
 /// The bench's extensions (`e1`…`e4`, pre steps on the echo subject) and policies
-/// (`one`: e1; `four`: e1…e4) for tenant `bench`.
+/// (`one`: e1; `four`: e1…e4) for tenant `bench`, in `dir/extensions` and
+/// `dir/policies`.
 fn write_fixtures(dir: &Path) {
     let ext_dir = dir.join("extensions");
     let pol_dir = dir.join("policies/bench");
@@ -512,7 +457,9 @@ async fn run(quick: bool) {
     let (_grpc_relay, grpc_relay_addr) = spawn_role("grpc-relay", &url);
     let dir = tempfile::tempdir().expect("tempdir");
     let extra = std::env::var("BENCH_ROUTER_CONFIG").unwrap_or_default();
-    let (_router, router_addr) = start_router(dir.path(), &url, &extra);
+    write_fixtures(dir.path());
+    let router = common::start_router(dir.path(), &url, &extra);
+    let router_addr = router.addr.clone();
 
     let client = async_nats::connect(url.clone()).await.expect("connect");
     let nats_side = |subject: &str, body: Bytes| Side::Nats {
@@ -554,7 +501,7 @@ async fn run(quick: bool) {
             "grpc-relay" => &grpc_relay,
             other => panic!("unknown side {other}"),
         };
-        eprintln!("soak: router pid {}", _router.0.id());
+        eprintln!("soak: router pid {}", router.child.id());
         let done = saturate(side, CONCURRENCY, Duration::from_secs(secs)).await;
         println!("soak {which}: {:.0}/s", done as f64 / secs as f64);
         return;

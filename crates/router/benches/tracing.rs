@@ -9,9 +9,10 @@
 //! `cargo bench -p beamline-router --bench tracing [-- --quick]`. Starts its own
 //! nats-server (it must be installed) and needs no PostgreSQL (fixtures).
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,25 +22,13 @@ use beamline_api::proto::router_client::RouterClient;
 use beamline_sdk::{ExtensionError, ExtensionRequest, Handler, Response, ServeOptions};
 use beamline_test_support::bench::percentile;
 use beamline_test_support::{NatsServer, OtlpReceiver};
-use serde_json::{Value, json};
+use serde_json::json;
 
 struct Echo;
 
 impl Handler for Echo {
     async fn handle(&self, _r: ExtensionRequest) -> Result<Response, ExtensionError> {
         Ok(Response::unchanged())
-    }
-}
-
-struct Router {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -65,66 +54,6 @@ fn write_fixtures(dir: &Path) {
             "pre": pre, "validators": [], "post": post});
         std::fs::write(p.join("default.json"), policy.to_string()).unwrap();
     }
-}
-
-fn start_router(dir: &Path, nats: &str, tracing: &str) -> Router {
-    let config = dir.join("router.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[extension_registry]
-source = "fixtures"
-fixtures_dir = "{d}/extensions"
-policies_dir = "{d}/policies"
-[nats]
-url = "{nats}"
-[grpc]
-listen = "127.0.0.1:0"
-[http]
-listen = "127.0.0.1:0"
-[log]
-format = "json"
-level = "info"
-{tracing}
-"#,
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_beamline-router"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn beamline-router");
-    // Killed and waited for on drop, also when it never starts.
-    let mut router = Router {
-        child,
-        addr: String::new(),
-    };
-    let stderr = router.child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
-            && let Ok(v) = serde_json::from_str::<Value>(&line)
-            && v["message"] == "beamline-router started"
-        {
-            router.addr = format!("http://{}", v["grpc"].as_str().unwrap_or_default());
-            std::thread::spawn(move || while rx.recv().is_ok() {});
-            return router;
-        }
-    }
-    panic!("a router did not start within 60 s");
 }
 
 fn request(tenant: &str) -> proto::RouteRequest {
@@ -186,9 +115,9 @@ async fn main() {
         )
     };
     let routers = [
-        start_router(dirs[0].path(), &nats.url(), ""),
-        start_router(dirs[1].path(), &nats.url(), &exported("0.0")),
-        start_router(dirs[2].path(), &nats.url(), &exported("1.0")),
+        common::start_router(dirs[0].path(), &nats.url(), ""),
+        common::start_router(dirs[1].path(), &nats.url(), &exported("0.0")),
+        common::start_router(dirs[2].path(), &nats.url(), &exported("1.0")),
     ];
     let mut clients = Vec::new();
     for r in &routers {
